@@ -1,0 +1,106 @@
+"""The score-model contract and its adapters.
+
+Every score model maps model-space images ``x`` in [-1, 1] of shape ``(B, C, H, W)`` and
+continuous times ``t`` of shape ``(B,)`` to the predicted noise ``eps(x, t)`` (same shape as
+``x``); the score is ``s(x, t) = -eps(x, t) / sigma(t)`` (Song et al. 2021, eq. for VP).
+New checkpoint families are new adapters (subclasses of :class:`ScoreModel`), never branches.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .diffusion import VPSchedule, expand_like, safe_sqrt
+
+__all__ = ["ScoreModel", "EpsilonNetwork", "GaussianScore"]
+
+
+class ScoreModel(nn.Module):
+    """Contract: ``eps(x, t)`` and ``score(x, t)`` with the VP ``schedule`` they refer to.
+
+    Subclasses implement :meth:`eps`. ``forward`` is ``eps``.
+    """
+
+    def __init__(self, schedule: Optional[VPSchedule] = None) -> None:
+        super().__init__()
+        self.schedule = schedule if schedule is not None else VPSchedule()
+
+    def eps(self, x: Tensor, t: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.eps(x, t)
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        """``-eps(x, t) / sigma(t)``; ``t`` must be > 0."""
+        return -self.eps(x, t) / expand_like(self.schedule.sigma(t), x)
+
+
+class EpsilonNetwork(ScoreModel):
+    """Adapter for an epsilon-prediction network ``net(x, label)``.
+
+    The label given to the network is ``t * time_scale`` (score_sde continuous models use 999,
+    DDPM/guided-diffusion models use 1000 with ``integer_time=True``, which rounds).
+
+    Args:
+        net: module called as ``net(x, label)`` with ``label`` of shape ``(B,)``.
+        schedule: the VP schedule the network was trained with.
+        time_scale: multiplier from ``t`` in [0, 1] to the network's time label.
+        integer_time: round the label to an integer (discrete-time networks).
+        out_channels: keep only the first ``out_channels`` output channels (drops learned
+            variance channels of guided-diffusion models); ``None`` keeps them all.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Optional[VPSchedule] = None,
+        *,
+        time_scale: float = 999.0,
+        integer_time: bool = False,
+        out_channels: Optional[int] = None,
+    ) -> None:
+        super().__init__(schedule)
+        self.net = net
+        self.time_scale = float(time_scale)
+        self.integer_time = bool(integer_time)
+        self.out_channels = out_channels
+
+    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+        label = t.to(x.dtype) * self.time_scale
+        if self.integer_time:
+            label = torch.round(label.detach())
+        out = self.net(x, label)
+        if self.out_channels is not None:
+            out = out[:, : self.out_channels]
+        return out
+
+
+class GaussianScore(ScoreModel):
+    """Exact eps for data ``x0 ~ N(mean, std^2 I)`` in model space.
+
+    ``x_t ~ N(sqrt(a) mean, a std^2 + 1 - a)`` with ``a = alpha_bar(t)``, hence
+    ``eps(x, t) = sigma(t) (x - sqrt(a) mean) / (a std^2 + 1 - a)``.
+    ``mean`` and ``std`` may be floats or tensors broadcastable to one image ``(C, H, W)``.
+    """
+
+    def __init__(
+        self,
+        mean: Union[float, Tensor] = 0.0,
+        std: Union[float, Tensor] = 0.5,
+        schedule: Optional[VPSchedule] = None,
+    ) -> None:
+        super().__init__(schedule)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        if (self.std <= 0).any():
+            raise ValueError("GaussianScore needs std > 0")
+
+    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+        a = expand_like(self.schedule.alpha_bar(t), x)
+        mean = self.mean.to(x.dtype)
+        var = self.std.to(x.dtype) ** 2
+        return safe_sqrt(1.0 - a) * (x - a.sqrt() * mean) / (a * var + 1.0 - a)
