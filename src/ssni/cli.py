@@ -1,0 +1,66 @@
+"""Command-line interface: ``ssni <command> ...``. The only module that reads configuration."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+# Each command module exposes ``register(subparsers)``; the parser it adds sets ``func(args)``.
+COMMAND_MODULES = [
+    "ssni.cli_train",
+    "ssni.cli_demo",
+    "ssni.cli_evaluate",
+]
+
+
+class UsageError(Exception):
+    """Bad usage or configuration: exit code 2 with a one-line message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ssni",
+        description="Diffusion-based adversarial purification with SSNI noise levels.",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"ssni {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - top-level report, exit code 1
+        logging.getLogger("ssni").debug("failure", exc_info=True)
+        print(f"ssni {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
