@@ -3,7 +3,11 @@
 Pipeline: ``t = policy(x)`` -> ``x_pure = purifier(x, t)`` -> ``logits = classifier(x_pure)``.
 """
 
+from .defense import Defense, DefenseOutput
 from .diffusion import VPSchedule
+from .policies import SSNI, Constant, NoiseLevelPolicy, eps_score_norm
+from .purifiers import DiffPure, Purification, Purifier, StraightThrough
+from .sampling import ddim_step, euler_maruyama_step, reverse
 from .score import EpsilonNetwork, GaussianScore, ScoreModel
 
 __version__ = "0.1.0"
@@ -13,4 +17,17 @@ __all__ = [
     "ScoreModel",
     "EpsilonNetwork",
     "GaussianScore",
+    "reverse",
+    "ddim_step",
+    "euler_maruyama_step",
+    "Purifier",
+    "Purification",
+    "DiffPure",
+    "StraightThrough",
+    "NoiseLevelPolicy",
+    "Constant",
+    "SSNI",
+    "eps_score_norm",
+    "Defense",
+    "DefenseOutput",
 ]

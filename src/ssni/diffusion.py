@@ -124,9 +124,7 @@ class VPSchedule:
             ``(x_t, z)``.
         """
         if noise is None:
-            noise = torch.randn(
-                x0.shape, generator=generator, device=x0.device, dtype=x0.dtype
-            )
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         a = expand_like(self.alpha_bar(t), x0)
         return a.sqrt() * x0 + safe_sqrt(1.0 - a) * noise, noise
 
