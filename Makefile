@@ -15,6 +15,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# independent attack implementation for cross-checks (its declared deps would pull torchvision)
+	$(BIN)/pip install -q --no-deps torchattacks
 	touch $(STAMP)
 
 venv: $(STAMP)

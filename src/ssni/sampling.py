@@ -127,7 +127,7 @@ def step_counts(
         if not step_size > 0:
             raise ValueError(f"step_size must be > 0, got {step_size}")
         ratio = t_start.detach().double() / step_size
-        n = torch.ceil(ratio - 1e-6).long().clamp_min(1)
+        n = torch.ceil(ratio - 1e-3).long().clamp_min(1)
     return torch.where(positive, n, torch.zeros_like(n))
 
 
