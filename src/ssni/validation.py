@@ -22,7 +22,7 @@ def check_images(x: Tensor, name: str = "x") -> Tensor:
         raise ValueError(f"{name} is an empty batch")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"{name} must be images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
     return x
@@ -43,7 +43,7 @@ def check_times(t: Tensor, batch: int, name: str = "t") -> Tensor:
         )
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
-    lo, hi = float(t.min()), float(t.max())
+    lo, hi = float(t.detach().min()), float(t.detach().max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(
             f"{name} must lie in [0, 1] (t* = 100 of 1000 steps is 0.1), got [{lo:.4g}, {hi:.4g}]"
