@@ -92,19 +92,23 @@ class RunConfig:
     purifier: str = "diffpure"
     rule: str = "ddpm"
     t_star: float = 0.1
-    purify_steps: int = 0
-    gdmp_guidance: str = "mse"
-    gdmp_scale: float = 1000.0
-    gns_stages: List[float] = field(default_factory=lambda: [0.1, 0.1])
+    purify_steps: int = 0  # 0: one reverse step per 1/1000 of t (t* = 0.1 -> 100 steps)
+    gdmp_distance: str = "mse"  # GDMP: guidance distance, scale (CIFAR-10 value) and rounds
+    gdmp_scale: float = 60000.0 * 3.0 / (2.0 * 8.0 / 255.0) / (100 * 3 * 32 * 32)
+    gdmp_rounds: int = 4
+    # GNS: stage levels; stage k runs at t(x) * stage_k / t_star
+    gns_stages: List[float] = field(
+        default_factory=lambda: [0.03, 0.03, 0.03, 0.03, 0.05, 0.05, 0.125, 0.125]
+    )
     # -- noise-level policy
     policy: str = "constant"
-    tau: float = 0.0
-    bias: float = 0.0
+    tau: float = 0.0  # 0: the std of the clean score norms
+    bias: float = 0.0  # b, in units of t
     levels: int = 20
     batch_joined: bool = False
     policy_file: str = ""
     stats_split: str = "val"
-    stats_n: int = 5000
+    stats_n: int = 5000  # clean images for the score-norm statistics
     # -- threat model and attack
     attack: str = "pgd"
     norm: str = "linf"
@@ -114,7 +118,7 @@ class RunConfig:
     gradient: str = "surrogate"
     surrogate_steps: int = 20
     eot: int = 20
-    adaptive_t: bool = False
+    adaptive_t: bool = False  # attack also differentiates through the SSNI level t(x)
     # -- evaluation
     votes: int = 1
     seeds: List[int] = field(default_factory=lambda: [121, 122, 123])
@@ -149,7 +153,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "split": ("test", "val"),
     "purifier": ("diffpure", "gdmp", "gns"),
     "rule": ("ddpm", "ddim", "sde"),
-    "gdmp_guidance": ("mse", "ssim"),
+    "gdmp_distance": ("mse", "ssim"),
     "policy": ("constant", "ssni-n", "ssni-l"),
     "stats_split": ("train", "val"),
     "attack": ("pgd", "apgd", "none"),
@@ -329,6 +333,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(0.0 < cfg.t_star <= 1.0, "t_star", f"must be in (0, 1], got {cfg.t_star}")
     _require(cfg.purify_steps >= 0, "purify_steps", f"must be >= 0, got {cfg.purify_steps}")
     _require(cfg.gdmp_scale >= 0, "gdmp_scale", f"must be >= 0, got {cfg.gdmp_scale}")
+    _require(cfg.gdmp_rounds >= 1, "gdmp_rounds", f"must be >= 1, got {cfg.gdmp_rounds}")
     _require(len(cfg.gns_stages) >= 1, "gns_stages", "needs at least one stage")
     for t in cfg.gns_stages:
         _require(0.0 < t <= 1.0, "gns_stages", f"every stage must be in (0, 1], got {t}")
