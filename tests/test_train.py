@@ -149,6 +149,10 @@ def test_cli_train_commands(tmp_path, capsys):
     assert main(argv) == 0
     assert main(["eval-classifier", "--data", "digits", str(cnn)]) == 0
     assert "accuracy" in capsys.readouterr().out
+    argv = ["eval-score", str(out), "--classifier", str(cnn), "--data", "digits", "--n", "40",
+            "--t", "0.1"]
+    assert main(argv) == 0
+    assert "one-step denoised" in capsys.readouterr().out
 
 
 def test_cli_missing_dataset_is_a_usage_error(tmp_path, capsys):

@@ -18,9 +18,12 @@ from .diffusion import VPSchedule
 from .train import (
     build_network,
     checkpoint_path_for,
+    denoised_accuracy,
     denoising_error,
     evaluate_classifier,
     load_classifier_file,
+    load_score_model_file,
+    read_metadata,
     save_weights,
     train_classifier,
     train_score_model,
@@ -45,6 +48,13 @@ def _ints(text: str) -> List[int]:
         return [int(v) for v in text.split(",") if v.strip() != ""]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected integers like 1,2,2, got {text!r}") from err
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.05,0.1, got {text!r}") from err
 
 
 def _common(p: argparse.ArgumentParser, default_bs: int, default_lr: float) -> None:
@@ -107,6 +117,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.set_defaults(func=run_eval_classifier)
+
+    p = subparsers.add_parser(
+        "eval-score", help="held-out quality of a score-model weights file",
+        description="Epsilon MSE per noise level on a fixed subset of a data split and, with "
+                    "--classifier, accuracy on clean, noised and one-step denoised images.")
+    p.add_argument("weights", help="score-model .safetensors file")
+    p.add_argument("--classifier", default=None, help="classifier .safetensors file")
+    p.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--n", type=int, default=1000, help="images (fixed seeded subset)")
+    p.add_argument("--t", type=_floats, default=[0.05, 0.1, 0.2],
+                   help="noise levels for the denoising accuracy, e.g. 0.05,0.1")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_eval_score)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -308,3 +333,24 @@ def run_eval_classifier(args: argparse.Namespace) -> int:
     print(f"{args.data} {args.split}: accuracy {acc:.4f} ({x.shape[0]} images)")
     return 0
 
+
+
+def run_eval_score(args: argparse.Namespace) -> int:
+    from .data import subset
+
+    model = load_score_model_file(args.weights)
+    x, y = _load(args, args.split)
+    n = min(args.n, x.shape[0])
+    x, y = subset(x, y, n, seed=args.seed)
+    meta = read_metadata(args.weights)
+    print(f"{args.weights}: {meta.get('arch')} {meta.get('parameters')} parameters, "
+          f"{meta.get('steps')} steps; {args.data} {args.split}, {n} images")
+    err = denoising_error(model, x, seed=args.seed)
+    print("eps MSE by t: " + ", ".join(f"t={k:g}: {v:.4f}" for k, v in err.items()))
+    if args.classifier:
+        clf = load_classifier_file(args.classifier)
+        for t in args.t:
+            acc = denoised_accuracy(model, clf, x, y, t, seed=args.seed)
+            print(f"t={t:g}: accuracy clean {acc['clean']:.4f}, noisy {acc['noisy']:.4f}, "
+                  f"one-step denoised {acc['denoised']:.4f}")
+    return 0
