@@ -81,10 +81,11 @@ def mse_distance_grad(x: Tensor, y: Tensor) -> Tensor:
 def ssim_distance_grad(x: Tensor, y: Tensor, data_range: float = 2.0) -> Tensor:
     """``grad_x sum(1 - SSIM map(x, y))`` per image, ``(B, C, H, W)``.
 
-    Computed with ``torch.autograd.grad``; while gradients are enabled the result keeps its graph
-    (``create_graph=True``), so an attack differentiates through the guidance exactly.
+    Computed with ``torch.autograd.grad``; while gradients are enabled and ``x`` or ``y`` needs
+    them, the result keeps its graph (``create_graph=True``), so an attack differentiates through
+    the guidance exactly.
     """
-    keep_graph = torch.is_grad_enabled()
+    keep_graph = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     with torch.enable_grad():
         xg = x if (keep_graph and x.requires_grad) else x.detach().requires_grad_(True)
         yg = y if keep_graph else y.detach()
@@ -262,7 +263,9 @@ class GDMP(Purifier):
             if self.fixed_guidance_noise:
                 carried.append(
                     torch.randn(
-                        x_model.shape, generator=generator, device=x_model.device,
+                        x_model.shape,
+                        generator=generator,
+                        device=x_model.device,
                         dtype=x_model.dtype,
                     )
                 )
