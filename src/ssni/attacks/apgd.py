@@ -36,7 +36,7 @@ def apgd_checkpoints(steps: int) -> List[int]:
         p.append(nxt)
     out: List[int] = []
     for pj in p[1:]:
-        w = int(math.ceil(pj * steps))
+        w = int(math.ceil(round(pj * steps, 9)))
         if 0 < w <= steps and (not out or w > out[-1]):
             out.append(w)
     return out
