@@ -5,6 +5,8 @@ Pipeline: ``t = policy(x)`` -> ``x_pure = purifier(x, t)`` -> ``logits = classif
 
 from .defense import Defense, DefenseOutput
 from .diffusion import VPSchedule
+from .gdmp import GDMP
+from .gns import GNS
 from .policies import SSNI, Constant, NoiseLevelPolicy, eps_score_norm
 from .purifiers import DiffPure, Purification, Purifier, StraightThrough
 from .sampling import ddim_step, euler_maruyama_step, reverse
@@ -24,6 +26,8 @@ __all__ = [
     "Purification",
     "DiffPure",
     "StraightThrough",
+    "GDMP",
+    "GNS",
     "NoiseLevelPolicy",
     "Constant",
     "SSNI",
