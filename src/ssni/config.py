@@ -156,7 +156,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "gdmp_distance": ("mse", "ssim"),
     "policy": ("constant", "ssni-n", "ssni-l"),
     "stats_split": ("train", "val"),
-    "attack": ("pgd", "apgd", "none"),
+    "attack": ("pgd", "apgd"),
     "norm": ("linf", "l2"),
     "gradient": ("full", "surrogate", "bpda"),
     "calib_objective": ("constrained", "weighted"),
@@ -326,9 +326,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Check ranges and combinations; return ``cfg`` or raise :class:`ConfigError`."""
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
-        _require(
-            value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}"
-        )
+        _require(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
     _require(cfg.n >= 1, "n", f"must be >= 1, got {cfg.n}")
     _require(0.0 < cfg.t_star <= 1.0, "t_star", f"must be in (0, 1], got {cfg.t_star}")
     _require(cfg.purify_steps >= 0, "purify_steps", f"must be >= 0, got {cfg.purify_steps}")
@@ -350,7 +348,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.norm == "linf":
         _require(cfg.eps <= 1.0, "eps", f"an Linf radius must be <= 1, got {cfg.eps}")
     _require(cfg.step_size > 0.0, "step_size", f"must be > 0, got {cfg.step_size}")
-    _require(cfg.iterations >= 0, "iterations", f"must be >= 0, got {cfg.iterations}")
+    _require(cfg.iterations >= 1, "iterations", f"must be >= 1, got {cfg.iterations}")
     _require(
         cfg.surrogate_steps >= 1, "surrogate_steps", f"must be >= 1, got {cfg.surrogate_steps}"
     )
@@ -386,7 +384,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         f"must be in [0, 1], got {cfg.calib_weight}",
     )
     _require(
-        cfg.calib_iterations >= 0, "calib_iterations", f"must be >= 0, got {cfg.calib_iterations}"
+        cfg.calib_iterations >= 1, "calib_iterations", f"must be >= 1, got {cfg.calib_iterations}"
     )
     _require(cfg.calib_eot >= 1, "calib_eot", f"must be >= 1, got {cfg.calib_eot}")
     _require(len(cfg.t_grid) >= 1, "t_grid", "needs at least one level")
@@ -472,9 +470,7 @@ def _read_preset(entry) -> Dict[str, Any]:
         raise ConfigError("preset", f"{entry.name} is not valid TOML: {err}") from None
 
 
-def load_config(
-    preset: Optional[str] = None, overrides: Iterable[str] = ()
-) -> RunConfig:
+def load_config(preset: Optional[str] = None, overrides: Iterable[str] = ()) -> RunConfig:
     """Defaults, then the preset (name or path), then ``key=value`` overrides; validated."""
     cfg = RunConfig()
     if preset:

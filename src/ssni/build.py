@@ -1,0 +1,396 @@
+"""From a :class:`~ssni.config.RunConfig` to data, models, purifier, policy, defense and attack.
+
+The only place (with the CLI) that reads configuration and moves models to ``config.device``.
+
+Models: for Fashion-MNIST the shipped weights ``weights/fmnist_unet.safetensors`` and
+``weights/fmnist_cnn.safetensors`` (names ``fmnist-unet`` / ``fmnist-cnn``) are found in
+``./weights`` first, then in the ``weights`` folder of the repository holding the package; an
+explicit ``score_model_path`` / ``classifier_path`` always wins. The name ``file`` loads any
+weights file written by ``ssni train-*``. CIFAR-10 and ImageNet models are entries of
+:mod:`ssni.zoo` and need their local checkpoint files.
+
+Data: ``split`` picks the evaluation images, ``stats_split`` the clean images of the score-norm
+statistics; calibration uses the validation split only (:func:`heldout_images`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, RunConfig
+from .defense import Defense
+from .policies import SSNI, Constant, NoiseLevelPolicy
+from .purifiers import DiffPure, Purifier
+from .score import ScoreModel
+
+__all__ = [
+    "LOCAL_MODELS",
+    "DEFAULT_MODELS",
+    "find_weights",
+    "repo_root",
+    "load_images",
+    "eval_images",
+    "heldout_images",
+    "build_score_model",
+    "build_classifier",
+    "build_purifier",
+    "build_policy",
+    "build_defense",
+    "build_attack",
+    "AttackSetup",
+    "Components",
+    "build_components",
+    "seeded_generator",
+]
+
+log = logging.getLogger(__name__)
+
+#: Weights shipped with the repository: name -> (file under weights/, kind).
+LOCAL_MODELS: Dict[str, Tuple[str, str]] = {
+    "fmnist-unet": ("fmnist_unet.safetensors", "score_model"),
+    "fmnist-cnn": ("fmnist_cnn.safetensors", "classifier"),
+}
+#: Default (score model, classifier) per dataset.
+DEFAULT_MODELS: Dict[str, Tuple[str, str]] = {
+    "fashion-mnist": ("fmnist-unet", "fmnist-cnn"),
+    "digits": ("file", "file"),
+    "cifar10": ("cifar10-ddpmpp", "cifar10-wrn-28-10"),
+    "imagenet": ("imagenet-guided-256-uncond", "imagenet-resnet50"),
+}
+
+
+def repo_root() -> Optional[Path]:
+    """The source checkout holding this package (``<root>/src/ssni``), if there is one."""
+    here = Path(__file__).resolve().parent
+    for parent in here.parents:
+        if (parent / "pyproject.toml").is_file() or (parent / "weights").is_dir():
+            return parent
+    return None
+
+
+def find_weights(filename: str) -> Path:
+    """``./weights/<filename>``, else ``<repo>/weights/<filename>``; ConfigError if neither."""
+    candidates = [Path.cwd() / "weights" / filename]
+    root = repo_root()
+    if root is not None:
+        candidates.append(root / "weights" / filename)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"weights/{filename} not found (looked in {', '.join(str(c.parent) for c in candidates)});"
+        " train it with `ssni train-score`/`ssni train-classifier` or pass its path"
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _data_dir(cfg: RunConfig) -> Optional[str]:
+    return cfg.data_dir or None
+
+
+def _imagenet(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """ImageNet has only the validation folder: ``test`` images are the paper's seeded subset
+    (the first half of a seeded permutation), held-out images come from its second half."""
+    import numpy as np
+
+    from .data.imagenet import list_image_folder, load_image, load_imagenet_val
+
+    if not cfg.data_dir:
+        raise ConfigError("data_dir", "ImageNet needs the validation folder (one dir per class)")
+    if split == "test":
+        return load_imagenet_val(cfg.data_dir, n=n, seed=seed)
+    samples, _ = list_image_folder(cfg.data_dir)
+    perm = np.random.RandomState(seed).permutation(len(samples))
+    pool = perm[len(samples) // 2 :]
+    if n > pool.size:
+        raise ConfigError("stats_n", f"only {pool.size} held-out ImageNet images available")
+    chosen = pool[:n]
+    x = torch.stack([load_image(samples[i][0], 256) for i in chosen])
+    y = torch.tensor([samples[i][1] for i in chosen], dtype=torch.int64)
+    return x, y
+
+
+def load_images(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """A fixed seeded subset of ``n`` images of ``split`` (``train``/``val``/``test``)."""
+    if cfg.dataset in ("fashion-mnist", "digits"):
+        from . import data
+
+        x, y = data.load_dataset(cfg.dataset, split, _data_dir(cfg))
+        if n > x.shape[0]:
+            raise ConfigError("n", f"{cfg.dataset} {split} has only {x.shape[0]} images, asked {n}")
+        return data.subset(x, y, n, seed)
+    if cfg.dataset == "cifar10":
+        from .data.cifar10 import load_cifar10
+
+        if not cfg.data_dir:
+            raise ConfigError("data_dir", "CIFAR-10 needs the folder with cifar-10-batches-py")
+        return load_cifar10(cfg.data_dir, split=split, n=n, seed=seed)
+    return _imagenet(cfg, split, n, seed)
+
+
+def eval_images(cfg: RunConfig) -> Tuple[Tensor, Tensor]:
+    """The evaluation images: ``n`` images of ``split`` drawn with ``subset_seed``."""
+    return load_images(cfg, cfg.split, cfg.n, cfg.subset_seed)
+
+
+def heldout_images(cfg: RunConfig, n: int, split: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """``n`` held-out clean images (default ``stats_split``); never the test split."""
+    split = split or cfg.stats_split
+    if split == "test":
+        raise ConfigError("stats_split", "clean statistics must not come from the test split")
+    return load_images(cfg, split, n, cfg.subset_seed)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _load_local(name: str, path: str, kind: str, key: str):
+    from . import train
+
+    if not path:
+        if name not in LOCAL_MODELS:
+            raise ConfigError(key, f"'{name}' needs an explicit {key}")
+        try:
+            path = str(find_weights(LOCAL_MODELS[name][0]))
+        except FileNotFoundError as err:
+            raise ConfigError(key, str(err)) from None
+    if not Path(path).is_file():
+        raise ConfigError(key, f"no such file {path!r}")
+    return (
+        train.load_score_model_file(path)
+        if kind == "score_model"
+        else train.load_classifier_file(path)
+    )
+
+
+def build_score_model(cfg: RunConfig) -> ScoreModel:
+    """The score model named by ``score_model`` (dataset default if empty), on ``device``."""
+    name = cfg.score_model or DEFAULT_MODELS[cfg.dataset][0]
+    if name in LOCAL_MODELS or name == "file":
+        model = _load_local(name, cfg.score_model_path, "score_model", "score_model_path")
+    else:
+        from . import zoo
+
+        if name not in zoo.SCORE_MODELS:
+            known = ", ".join(sorted([*zoo.SCORE_MODELS, *LOCAL_MODELS, "file"]))
+            raise ConfigError("score_model", f"unknown score model {name!r}; known: {known}")
+        if not cfg.score_model_path:
+            entry = zoo.SCORE_MODELS[name]
+            raise ConfigError(
+                "score_model_path", f"{name} needs its local checkpoint ({entry.file})"
+            )
+        model = zoo.load_score_model(name, cfg.score_model_path)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(cfg.device)
+
+
+def build_classifier(cfg: RunConfig) -> nn.Module:
+    """The classifier named by ``classifier`` (dataset default if empty), on ``device``."""
+    name = cfg.classifier or DEFAULT_MODELS[cfg.dataset][1]
+    if name in LOCAL_MODELS or name == "file":
+        model = _load_local(name, cfg.classifier_path, "classifier", "classifier_path")
+    else:
+        from . import zoo
+
+        if name not in zoo.CLASSIFIERS:
+            known = ", ".join(sorted([*zoo.CLASSIFIERS, *LOCAL_MODELS, "file"]))
+            raise ConfigError("classifier", f"unknown classifier {name!r}; known: {known}")
+        if not cfg.classifier_path:
+            entry = zoo.CLASSIFIERS[name]
+            raise ConfigError("classifier_path", f"{name} needs its local weights ({entry.file})")
+        model = zoo.load_classifier(name, cfg.classifier_path)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(cfg.device)
+
+
+def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False) -> Purifier:
+    """The configured purifier; ``surrogate=True`` gives the cheap copy used for attack
+    gradients (``surrogate_steps`` reverse steps per sample / per stage)."""
+    steps = cfg.surrogate_steps if surrogate else (cfg.purify_steps or None)
+    if cfg.purifier == "diffpure":
+        return DiffPure(model, rule=cfg.rule, steps=steps)
+    if cfg.purifier == "gdmp":
+        from .gdmp import GDMP
+
+        return GDMP(
+            model,
+            scale=cfg.gdmp_scale,
+            distance=cfg.gdmp_distance,
+            rounds=cfg.gdmp_rounds,
+            rule=cfg.rule,
+            steps=steps,
+        )
+    from .gns import GNS, GNS_CIFAR10_STAGES
+
+    if surrogate:
+        if tuple(cfg.gns_stages) == GNS_CIFAR10_STAGES and cfg.t_star == max(GNS_CIFAR10_STAGES):
+            return GNS.surrogate(model, rule=cfg.rule)
+        per_stage = max(1, cfg.surrogate_steps // len(cfg.gns_stages))
+        return GNS(
+            model, stages=cfg.gns_stages, reference_t=cfg.t_star, steps=per_stage, rule=cfg.rule
+        )
+    return GNS(model, stages=cfg.gns_stages, reference_t=cfg.t_star, steps=steps, rule=cfg.rule)
+
+
+def seeded_generator(seed: int, device: str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def build_policy(
+    cfg: RunConfig,
+    model: ScoreModel,
+    *,
+    stats_images: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> NoiseLevelPolicy:
+    """The noise-level policy: from ``policy_file`` if set, else ``Constant(t_star)`` or an SSNI
+    policy fitted on ``stats_images`` (default: ``stats_n`` images of ``stats_split``)."""
+    if cfg.policy_file:
+        from .calibrate import load_policy
+
+        try:
+            policy = load_policy(cfg.policy_file, model)
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError("policy_file", str(err).splitlines()[0]) from None
+        return policy.to(cfg.device)
+    if cfg.policy == "constant":
+        return Constant(cfg.t_star)
+    policy = SSNI(
+        model,
+        t_star=cfg.t_star,
+        reweight="sigmoid" if cfg.policy == "ssni-n" else "linear",
+        tau=cfg.tau or None,
+        bias=cfg.bias,
+        levels=cfg.levels,
+        batch_joined=cfg.batch_joined,
+    ).to(cfg.device)
+    if stats_images is None:
+        stats_images, _ = heldout_images(cfg, cfg.stats_n)
+    bs = cfg.batch_size
+    policy.fit(
+        [stats_images[i : i + bs].to(cfg.device) for i in range(0, stats_images.shape[0], bs)],
+        generator=generator,
+    )
+    return policy
+
+
+def policy_overrides(cfg: RunConfig) -> Dict[str, Any]:
+    """Configuration values implied by ``policy_file`` (so the resolved config is truthful)."""
+    if not cfg.policy_file:
+        return {}
+    from .calibrate import read_policy_file
+
+    try:
+        doc = read_policy_file(cfg.policy_file)
+    except (OSError, ValueError) as err:
+        raise ConfigError("policy_file", str(err).splitlines()[0]) from None
+    out: Dict[str, Any] = {"policy": doc["policy"], "t_star": float(doc["t_star"])}
+    if doc["policy"] != "constant":
+        out.update(
+            tau=float(doc.get("tau") or 0.0),
+            bias=float(doc.get("bias", 0.0)),
+            levels=int(doc.get("levels", cfg.levels)),
+            batch_joined=bool(doc.get("batch_joined", False)),
+        )
+    return out
+
+
+def build_defense(
+    cfg: RunConfig, model: ScoreModel, classifier: nn.Module, policy: NoiseLevelPolicy
+) -> Defense:
+    """``classifier(purifier(x, policy(x)))`` with the configured purifier."""
+    return Defense(classifier, build_purifier(cfg, model), policy)
+
+
+@dataclass
+class AttackSetup:
+    """An attack and the model it must be called with (``attack(target, x, y, generator)``)."""
+
+    attack: Any
+    target: nn.Module
+    description: str
+
+
+def build_attack(
+    cfg: RunConfig,
+    defense: Defense,
+    *,
+    iterations: Optional[int] = None,
+    eot: Optional[int] = None,
+) -> AttackSetup:
+    """The configured attack against ``defense``; ``iterations``/``eot`` override the
+    configuration (cheap attacks)."""
+    from . import attacks
+
+    steps = cfg.iterations if iterations is None else iterations
+    n_eot = cfg.eot if eot is None else eot
+    threat = attacks.ThreatModel("Linf" if cfg.norm == "linf" else "L2", cfg.eps)
+    target: nn.Module = defense
+    adaptive = cfg.adaptive_t and isinstance(defense.policy, SSNI)
+    if cfg.gradient == "full":
+        target = attacks.full(defense)
+        estimator = attacks.EOT(n_eot)
+    elif cfg.gradient == "bpda":
+        target = attacks.bpda(defense)
+        estimator = attacks.EOT(n_eot)
+    else:
+        model = defense.purifier.model
+        surrogate = Defense(
+            defense.classifier, build_purifier(cfg, model, surrogate=True), defense.policy
+        )
+        if adaptive:
+            surrogate = attacks.relaxed(surrogate)
+        estimator = attacks.Surrogate(surrogate, n=n_eot)
+    if adaptive and cfg.gradient != "surrogate":
+        target = attacks.relaxed(target)
+    if cfg.attack == "pgd":
+        attack = attacks.PGD(threat, steps=steps, step_size=cfg.step_size, gradient=estimator)
+    else:
+        attack = attacks.APGD(threat, steps=steps, gradient=estimator)
+    desc = (
+        f"{cfg.attack.upper()}-EOT{n_eot} {threat.norm} eps={cfg.eps:.4g} x{steps} "
+        f"({cfg.gradient}{', adaptive t(x)' if adaptive else ''})"
+    )
+    return AttackSetup(attack, target, desc)
+
+
+@dataclass
+class Components:
+    """Everything a run needs, built from one configuration."""
+
+    config: RunConfig
+    score_model: ScoreModel
+    classifier: nn.Module
+    policy: NoiseLevelPolicy
+    defense: Defense
+
+
+def build_components(cfg: RunConfig, *, generator: Optional[torch.Generator] = None) -> Components:
+    """Models, policy (fitted on held-out images) and defense for ``cfg``."""
+    model = build_score_model(cfg)
+    classifier = build_classifier(cfg)
+    policy = build_policy(cfg, model, generator=generator)
+    return Components(cfg, model, classifier, policy, build_defense(cfg, model, classifier, policy))
+
+
+def accepts(fn, name: str) -> bool:
+    """Whether callable ``fn`` takes a keyword argument ``name``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
