@@ -172,8 +172,17 @@ def _load_local(name: str, path: str, kind: str, key: str):
     )
 
 
+def check_device(cfg: RunConfig) -> None:
+    """ConfigError when ``device`` is not available on this machine."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"{cfg.device} is not available here; use --set device=cpu")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", "mps is not available here; use --set device=cpu")
+
+
 def build_score_model(cfg: RunConfig) -> ScoreModel:
     """The score model named by ``score_model`` (dataset default if empty), on ``device``."""
+    check_device(cfg)
     name = cfg.score_model or DEFAULT_MODELS[cfg.dataset][0]
     if name in LOCAL_MODELS or name == "file":
         model = _load_local(name, cfg.score_model_path, "score_model", "score_model_path")
