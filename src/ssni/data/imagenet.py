@@ -65,7 +65,12 @@ def list_image_folder(
 def load_image(path: PathLike, size: int = 256, resize: Optional[int] = None) -> Tensor:
     """One image as float32 ``(3, size, size)`` in [0, 1]: shorter side to ``resize`` (default
     ``max(size, 256)``) with bilinear filtering, then a centre crop of ``size``."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError(
+            "reading ImageNet images needs Pillow: pip install 'ssni[imagenet]'"
+        ) from err
 
     resize = max(size, 256) if resize is None else int(resize)
     if resize < size:
