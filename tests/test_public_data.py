@@ -200,3 +200,29 @@ def test_imagenet_resize_paths(imagenet_root: Path) -> None:
 def test_imagenet_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="class"):
         load_imagenet_val(tmp_path / "nope")
+
+
+def test_resized_purifier_imagenet_path() -> None:
+    """224 images -> purifier at 256 -> back to 224, differentiable, inside a Defense."""
+    from ssni.adapters import Resized, ResizedPurifier
+    from ssni.defense import Defense
+    from ssni.policies import Constant
+    from ssni.purifiers import DiffPure
+    from ssni.score import GaussianScore
+
+    seen = []
+
+    class Probe(DiffPure):
+        def run(self, x, t, generator=None):
+            seen.append(tuple(x.shape[-2:]))
+            return super().run(x, t, generator=generator)
+
+    purifier = ResizedPurifier(Probe(GaussianScore(), steps=2), 32)
+    classifier = Resized(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5)),
+                         16)
+    defense = Defense(classifier, purifier, Constant(0.1))
+    x = torch.rand(2, 3, 28, 28, requires_grad=True)
+    out = defense.run(x, generator=torch.Generator().manual_seed(0))
+    assert seen == [(32, 32)] and out.purified.shape == x.shape and out.logits.shape == (2, 5)
+    out.logits.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .diffusion import VPSchedule, expand_like
+from .purifiers import Purification, Purifier
 from .score import ScoreModel
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "load_diffusers_unet",
     "Normalized",
     "Resized",
+    "ResizedPurifier",
     "resize_images",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -83,6 +85,25 @@ class Resized(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = self.module(resize_images(x, self.size), *args, **kwargs)
         return resize_images(out, tuple(x.shape[-2:])) if self.restore else out
+
+
+class ResizedPurifier(Purifier):
+    """Run ``purifier`` at ``size`` and return images at the input size (bilinear both ways).
+
+    DiffPure's ImageNet path: 224x224 images (the attack space) -> 256 for the guided-diffusion
+    model -> back to 224 for the classifier. Differentiable like the wrapped purifier.
+    """
+
+    def __init__(self, purifier: Purifier, size: Union[int, Tuple[int, int]] = 256) -> None:
+        super().__init__()
+        self.purifier = purifier
+        self.size = size
+
+    def run(
+        self, x: Tensor, t: Union[float, Tensor], generator: Optional[torch.Generator] = None
+    ) -> Purification:
+        out = self.purifier.run(resize_images(x, self.size), t, generator=generator)
+        return Purification(resize_images(out.x, tuple(x.shape[-2:])), out.nfe)
 
 
 class DiffusersUNet(ScoreModel):
