@@ -160,8 +160,7 @@ def _load_checkpoint(
             f"checkpoint {path} was made with a different configuration (differs in: "
             f"{', '.join(diff)}); delete it or start over without resuming"
         )
-    device = next(model.parameters()).device
-    tensors = load_file(str(path), device=str(device))
+    tensors = load_file(str(path))  # CPU; load_state_dict moves values to the parameters
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if ema is not None:
         ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})

@@ -144,7 +144,7 @@ def load_fashion_mnist(
 
 
 def fashion_mnist_sha256(data_dir: Optional[PathLike] = None) -> str:
-    """SHA-256 over the four files' bytes as stored (in a fixed order), for provenance."""
+    """SHA-256 of the four files' decompressed contents (fixed order), for provenance."""
     directory = resolve_dir(data_dir)
     h = hashlib.sha256()
     for part in ("train", "test"):
