@@ -17,7 +17,7 @@ def fixtures_dir() -> Path:
     return Path(os.environ.get(FIXTURES_ENV) or DEFAULT_FIXTURES)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def public_fixtures() -> Path:
     """Path of the fixtures folder. Skips when it is absent, but fails when
     ``SSNI_REQUIRE_FIXTURES=1`` (CI), so CI can never silently skip these tests."""
