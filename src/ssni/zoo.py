@@ -242,15 +242,20 @@ def build_network(architecture: str, config: Mapping[str, Any]) -> nn.Module:
     """Construct ``architecture`` (a key of ``ARCHITECTURES`` or ``torchvision:<name>``) with
     keyword arguments ``config``; random weights."""
     if architecture.startswith("torchvision:"):
-        try:
-            import torchvision.models as tvm
-        except ImportError as err:
-            raise ImportError(
-                f"{architecture} needs torchvision, which is optional: pip install "
-                "'ssni[vision]' (or install a torchvision build matching your torch)"
-            ) from err
+        tvm = _torchvision_models(architecture)
         return getattr(tvm, architecture.split(":", 1)[1])(weights=None, **dict(config))
     return _lookup(ARCHITECTURES, architecture, "architecture")(**dict(config))
+
+
+def _torchvision_models(architecture: str) -> Any:
+    try:
+        import torchvision.models as tvm
+    except ImportError as err:
+        raise ImportError(
+            f"{architecture} needs torchvision, which is optional: pip install "
+            "'ssni[vision]' (or install a torchvision build matching your torch)"
+        ) from err
+    return tvm
 
 
 def _load_score_sde(net: nn.Module, ckpt: Any, source: str, entry: ScoreModelEntry,
@@ -332,8 +337,10 @@ def load_classifier(name: Union[str, ClassifierEntry], path: PathLike) -> nn.Mod
         name if isinstance(name, ClassifierEntry) else _lookup(CLASSIFIERS, name, "classifier")
     )
     label = name if isinstance(name, str) else entry.summary
-    net = build_network(entry.architecture, entry.config)
+    if entry.architecture.startswith("torchvision:"):
+        _torchvision_models(entry.architecture)  # fail early and clearly without torchvision
     ckpt = read_checkpoint(path)
+    net = build_network(entry.architecture, entry.config)
     source = os.fspath(path)
     state = strip_prefixes(select_entry(ckpt, entry.entries, source=source), entry.prefixes)
     arch = f"{label} ({entry.architecture})"
