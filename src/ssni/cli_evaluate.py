@@ -230,8 +230,6 @@ def cmd_evaluate(args) -> int:
     paths = reports.write_report(out, _rows(cfg, report), title=cfg.name, extra=extra)
     figures = _figures(out, cfg, report)
     _emit((out / reports.REPORT_MD).read_text(encoding="utf-8"))
-    for w in report.warnings:
-        _emit(f"warning: {w}")
     _emit(
         f"wrote {', '.join(p.name for p in paths.values())}"
         f"{', ' + ', '.join(figures) if figures else ''}, config.toml, log.jsonl to {out} "

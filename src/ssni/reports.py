@@ -60,12 +60,13 @@ METRIC_LABELS = {
     "clean_acc": "Clean acc (%)",
     "robust_acc": "Robust acc (%)",
     "auc": "ROC AUC",
-    "mean_t_clean": "mean t clean",
-    "mean_t_adv": "mean t adv",
+    "mean_t_clean": "mean t(x) clean [steps]",
+    "mean_t_adv": "mean t(x) adv [steps]",
     "nfe": "NFE",
     "seconds": "time (s)",
 }
 _PERCENT = ("clean_acc", "robust_acc")
+_STEPS = ("mean_t_clean", "mean_t_adv")  # levels shown in steps of 1/1000
 
 
 def _as_array(values: ArrayLike) -> np.ndarray:
@@ -174,8 +175,8 @@ def _fmt(metric: str, stat: Mapping[str, Any]) -> str:
     mu, sd, k = stat["mean"], stat["std"], len(stat.get("values", []))
     if not math.isfinite(mu):
         return "-"
-    scale = 100.0 if metric in _PERCENT else 1.0
-    digits = 1 if metric in _PERCENT else 3
+    scale = 100.0 if metric in _PERCENT else 1000.0 if metric in _STEPS else 1.0
+    digits = 1 if metric in _PERCENT + _STEPS else 3
     text = f"{mu * scale:.{digits}f}"
     if k > 1:
         text += f" ± {sd * scale:.{digits}f}"

@@ -1,0 +1,39 @@
+"""Tiny weight files for command-line tests (seconds to make, no training)."""
+
+import torch
+
+from ssni.nets.cnn import CNN
+from ssni.nets.unet import UNet
+from ssni.train import save_weights
+
+UNET_KW = dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+               attn_levels=(), groups=4, heads=1)
+CNN_KW = dict(in_channels=1, num_classes=10, width=4, hidden=16)
+
+
+def tiny_weights(directory, seed: int = 0):
+    """Write a tiny random UNet and CNN as ssni weight files; return their paths."""
+    torch.manual_seed(seed)
+    unet = UNet(**UNET_KW)
+    with torch.no_grad():  # the output layer starts at zero; give it a non-trivial score
+        unet.conv_out.weight.normal_(0.0, 0.05)
+    cnn = CNN(**CNN_KW).eval()
+    score_path = directory / "unet.safetensors"
+    clf_path = directory / "cnn.safetensors"
+    save_weights(score_path, unet, arch="UNet", arch_kwargs=UNET_KW, kind="score_model",
+                 info={"time_scale": 1000.0})
+    save_weights(clf_path, cnn, arch="CNN", arch_kwargs=CNN_KW, kind="classifier")
+    return score_path, clf_path
+
+
+def tiny_sets(score_path, clf_path, **extra):
+    """``--set`` arguments for a very cheap Fashion-MNIST run with the tiny weights."""
+    values = dict(score_model_path=score_path, classifier_path=clf_path, n=16, stats_n=16,
+                  levels=2, purify_steps=2, surrogate_steps=1, iterations=1, eot=1,
+                  seeds="121,122", batch_size=16, calib_n=16, calib_iterations=1,
+                  calib_taus="0.5,1,2", calib_biases="0,0.05", t_grid="0.05,0.1,0.2")
+    values.update(extra)
+    out = []
+    for k, v in values.items():
+        out += ["--set", f"{k}={v}"]
+    return out
