@@ -3,6 +3,8 @@
 Pipeline: ``t = policy(x)`` -> ``x_pure = purifier(x, t)`` -> ``logits = classifier(x_pure)``.
 """
 
+from .adapters import DiffusersUNet, ResizedPurifier
+from .checkpoints import CheckpointError
 from .defense import Defense, DefenseOutput
 from .diffusion import VPSchedule
 from .gdmp import GDMP
@@ -11,6 +13,7 @@ from .policies import SSNI, Constant, NoiseLevelPolicy, eps_score_norm
 from .purifiers import DiffPure, Purification, Purifier, StraightThrough
 from .sampling import ddim_step, euler_maruyama_step, reverse
 from .score import EpsilonNetwork, GaussianScore, ScoreModel
+from .zoo import CLASSIFIERS, SCORE_MODELS, load_classifier, load_score_model
 
 __version__ = "0.1.0"
 
@@ -34,4 +37,11 @@ __all__ = [
     "eps_score_norm",
     "Defense",
     "DefenseOutput",
+    "load_score_model",
+    "load_classifier",
+    "SCORE_MODELS",
+    "CLASSIFIERS",
+    "CheckpointError",
+    "DiffusersUNet",
+    "ResizedPurifier",
 ]
