@@ -109,6 +109,13 @@ def test_resume_continues_from_saved_step(tmp_path, digits):
     with pytest.raises(ValueError, match="different configuration"):
         train_score_model(UNet(**TINY_UNET), x, checkpoint_path=ckpt,
                           **dict(kwargs, batch_size=4))
+    # a finished run can be extended: only the remaining steps are trained
+    steps_seen.clear()
+    train_score_model(UNet(**TINY_UNET), x, checkpoint_path=ckpt,
+                      callback=lambda i: steps_seen.append(i["step"]), **dict(kwargs, steps=7))
+    assert steps_seen == [7]
+    with pytest.raises(ValueError, match="beyond"):
+        train_score_model(UNet(**TINY_UNET), x, checkpoint_path=ckpt, **dict(kwargs, steps=5))
 
 
 def test_classifier_training_and_loading(tmp_path, digits):

@@ -143,6 +143,11 @@ def _save_checkpoint(
     os.replace(tmp, path)
 
 
+# May differ on resume: the cosine learning-rate schedule then follows the new total from the
+# saved step on (e.g. to shorten a run that is slower than planned).
+_RETARGETABLE = ("steps", "epochs")
+
+
 def _load_checkpoint(
     path: Path,
     *,
@@ -154,8 +159,12 @@ def _load_checkpoint(
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     saved = json.loads(meta.get("config", "{}"))
-    if saved != json.loads(json.dumps(config)):
-        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    current = json.loads(json.dumps(config))
+    for key in _RETARGETABLE:
+        saved.pop(key, None)
+        current.pop(key, None)
+    if saved != current:
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise ValueError(
             f"checkpoint {path} was made with a different configuration (differs in: "
             f"{', '.join(diff)}); delete it or start over without resuming"
@@ -256,7 +265,9 @@ def train_score_model(
         hflip: random horizontal flips.
         checkpoint_path: where to keep the resumable checkpoint (``None``: no checkpoints).
         checkpoint_every: save every this many steps (and at the end); 0 saves only at the end.
-        resume: continue from ``checkpoint_path`` if it exists.
+        resume: continue from ``checkpoint_path`` if it exists (its configuration must match
+            except ``steps``, which may be changed to shorten or extend a run; the cosine
+            schedule then follows the new total from the saved step on).
         callback: called after each step with ``{"step", "steps", "loss", "lr", "elapsed"}``.
         config_extra: JSON-able entries added to the configuration checked on resume.
 
@@ -289,6 +300,8 @@ def train_score_model(
     if ckpt is not None and resume and ckpt.exists():
         start, elapsed, _ = _load_checkpoint(ckpt, model=net, ema=ema, opt=opt, config=config)
         log.info("resuming score-model training from step %d (%s)", start, ckpt)
+        if start > steps:
+            raise ValueError(f"checkpoint {ckpt} is at step {start}, beyond steps={steps}")
 
     losses: List[float] = []
     n = images.shape[0]
@@ -384,6 +397,8 @@ def train_classifier(
     if ckpt is not None and resume and ckpt.exists():
         start, elapsed, _ = _load_checkpoint(ckpt, model=net, ema=None, opt=opt, config=config)
         log.info("resuming classifier training from step %d (%s)", start, ckpt)
+        if start > steps:
+            raise ValueError(f"checkpoint {ckpt} is at step {start}, beyond {steps} steps")
 
     losses: List[float] = []
     net.train()
