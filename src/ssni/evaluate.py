@@ -187,9 +187,10 @@ def _as_tensors(data) -> Tuple[Tensor, Tensor]:
     return x.detach(), y.detach()
 
 
-def _generator(*key: int) -> torch.Generator:
+def _generator(device: torch.device, *key: int) -> torch.Generator:
+    """A generator on ``device`` seeded from the integers ``key`` (independent streams)."""
     state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def _device_of(module) -> torch.device:
@@ -342,7 +343,7 @@ class _Log:
 def _attack_chunk(
     defense, grad_model, attack: Attack, x, y, idx, seed, passes, votes, worst_of, classes
 ) -> List[dict]:
-    gen = _generator(seed, int(idx[0]))
+    gen = _generator(x.device, seed, int(idx[0]))
     clean = _passes(defense, x, passes, gen)
     x_adv = attack(grad_model, x, y, gen)
     stats = attack.last_stats or {}
@@ -398,7 +399,7 @@ def _undefended_check(defense, attack, x, y, seed, batch_size) -> dict:
     clean_ok = robust = 0
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        gen = _generator(seed, _UNDEFENDED_TAG, start)
+        gen = _generator(x.device, seed, _UNDEFENDED_TAG, start)
         with torch.no_grad():
             ok = classifier(xb).argmax(1) == yb
         xa = plain(classifier, xb, yb, gen)
@@ -412,8 +413,8 @@ def _undefended_check(defense, attack, x, y, seed, batch_size) -> dict:
 
 def _is_stochastic(defense, x: Tensor) -> bool:
     with torch.no_grad():
-        a = forward(defense, x, _generator(0, 1))
-        b = forward(defense, x, _generator(0, 2))
+        a = forward(defense, x, _generator(x.device, 0, 1))
+        b = forward(defense, x, _generator(x.device, 0, 2))
     return not torch.equal(a, b)
 
 
@@ -495,7 +496,7 @@ def evaluate(
         m.eval()
     log = _Log(log_path, config)
     try:
-        classes = _num_classes(defense, x, _generator(0, 0))
+        classes = _num_classes(defense, x, _generator(x.device, 0, 0))
         chunks = [(s, start) for s in seeds for start in range(0, n, batch_size)]
         bar = None
         if progress:

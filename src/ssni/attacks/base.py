@@ -67,6 +67,13 @@ class Attack:
         other.last_stats = None
         return other
 
+    def with_loss(self, loss: Union[str, Loss]) -> Attack:
+        """A copy of this attack maximising another loss (e.g. :class:`ScoreNormLoss`)."""
+        other = copy.copy(self)
+        other.loss = make_loss(loss)
+        other.last_stats = None
+        return other
+
     @property
     def passes(self) -> int:
         """Stochastic passes per gradient estimate (the EOT count)."""
