@@ -95,3 +95,25 @@ def test_evaluate_end_to_end_and_report(tmp_path, capsys, weights):
     assert "±" in table[1]
     assert (tmp_path / "table" / "report.csv").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_shipped_weights_row_runs_in_under_two_minutes(tmp_path):
+    from ssni.build import LOCAL_MODELS, repo_root
+
+    root = repo_root()
+    files = [root / "weights" / f for f, _ in LOCAL_MODELS.values()] if root else []
+    if not files or not all(f.is_file() for f in files):
+        pytest.skip("shipped Fashion-MNIST weights (weights/fmnist_*.safetensors) not present")
+    try:
+        from ssni.data import load_fashion_mnist
+
+        load_fashion_mnist("val")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST idx files not installed")
+    start = time.perf_counter()
+    args = ["--quiet", "evaluate", "--preset", ROW, "--set", "n=16", "--set", "seeds=121",
+            "--set", "stats_n=32", "--set", "iterations=1", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert time.perf_counter() - start < 120
+    doc = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert doc["rows"][0]["config"]["score_model"] == "fmnist-unet"
