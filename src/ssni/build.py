@@ -19,7 +19,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -265,9 +265,11 @@ def build_policy(
     *,
     stats_images: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> NoiseLevelPolicy:
     """The noise-level policy: from ``policy_file`` if set, else ``Constant(t_star)`` or an SSNI
-    policy fitted on ``stats_images`` (default: ``stats_n`` images of ``stats_split``)."""
+    policy fitted on ``stats_images`` (default: ``stats_n`` images of ``stats_split``);
+    ``progress`` is called with the number of images done after each batch of the fit."""
     if cfg.policy_file:
         from .calibrate import load_policy
 
@@ -290,10 +292,15 @@ def build_policy(
     if stats_images is None:
         stats_images, _ = heldout_images(cfg, cfg.stats_n)
     bs = cfg.batch_size
-    policy.fit(
-        [stats_images[i : i + bs].to(cfg.device) for i in range(0, stats_images.shape[0], bs)],
-        generator=generator,
-    )
+
+    def batches():
+        for i in range(0, stats_images.shape[0], bs):
+            xb = stats_images[i : i + bs].to(cfg.device)
+            yield xb
+            if progress is not None:
+                progress(xb.shape[0])
+
+    policy.fit(batches(), generator=generator)
     return policy
 
 
@@ -388,11 +395,16 @@ class Components:
     defense: Defense
 
 
-def build_components(cfg: RunConfig, *, generator: Optional[torch.Generator] = None) -> Components:
-    """Models, policy (fitted on held-out images) and defense for ``cfg``."""
+def build_components(
+    cfg: RunConfig,
+    *,
+    generator: Optional[torch.Generator] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Components:
+    """Models, policy (fitted on held-out images, ``progress`` per batch) and defense."""
     model = build_score_model(cfg)
     classifier = build_classifier(cfg)
-    policy = build_policy(cfg, model, generator=generator)
+    policy = build_policy(cfg, model, generator=generator, progress=progress)
     return Components(cfg, model, classifier, policy, build_defense(cfg, model, classifier, policy))
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "CalibrationResult",
     "calibrate",
     "snap",
+    "level_grid",
 ]
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,15 @@ def snap(t: Tensor, grid: Tensor) -> Tensor:
     return d.argmin(1)
 
 
+def level_grid(t_star: float, biases: Sequence[float], resolution: float = 0.01) -> Tensor:
+    """Levels of the correctness table: 0, ``t*`` and multiples of ``resolution`` up to the
+    largest ``t* + b`` (float64, increasing)."""
+    top = max(t_star + float(b) for b in biases)
+    steps = int(math.ceil(top / resolution - 1e-9))
+    values = {0.0, round(t_star, 6)} | {round(k * resolution, 6) for k in range(1, steps + 1)}
+    return torch.tensor(sorted(v for v in values if v <= 1.0), dtype=torch.float64)
+
+
 @dataclass
 class CalibrationResult:
     """Everything :func:`calibrate` measured; ``table`` has one entry per ``(tau, bias)``."""
@@ -283,7 +293,9 @@ def calibrate(
             accuracy on the same images.
         resolution: spacing of the table's levels (levels are snapped to it).
         votes, batch_size, generator: for the purifications.
-        progress: called with a count of finished images (norms and purifications).
+        progress: called with a count of finished images (statistics, norms, purifications;
+            ``n_stats + 2 n_cal (1 + levels)`` in all, ``levels`` the positive entries of
+            :func:`level_grid`).
 
     Returns:
         :class:`CalibrationResult`; ``policy`` is fitted and holds the chosen ``tau``/``bias``.
@@ -296,10 +308,14 @@ def calibrate(
         raise ValueError("x_adv must have the shape of x_cal")
     if not resolution > 0:
         raise ValueError(f"resolution must be > 0, got {resolution}")
-    policy.fit(
-        [x_stats[i : i + batch_size] for i in range(0, x_stats.shape[0], batch_size)],
-        generator=generator,
-    )
+
+    def stats_batches():
+        for i in range(0, x_stats.shape[0], batch_size):
+            yield x_stats[i : i + batch_size]
+            if progress is not None:
+                progress(x_stats[i : i + batch_size].shape[0])
+
+    policy.fit(stats_batches(), generator=generator)
     std = float(policy.norm_std)
     e_clean = _norms(policy, x_cal, batch_size, generator, progress)
     e_adv = _norms(policy, x_adv, batch_size, generator, progress)
@@ -319,14 +335,7 @@ def calibrate(
     if not pairs:
         raise ValueError("no admissible (tau, bias) pair in the grid")
 
-    max_level = max(policy.t_star + b for _, b in pairs)
-    steps = int(math.ceil(max_level / resolution - 1e-9))
-    grid = torch.tensor(
-        sorted(
-            {0.0, round(policy.t_star, 6)} | {round(k * resolution, 6) for k in range(1, steps + 1)}
-        ),
-        dtype=torch.float64,
-    )
+    grid = level_grid(policy.t_star, [b for _, b in pairs], resolution)
     table_kw = dict(votes=votes, batch_size=batch_size, generator=generator, progress=progress)
     clean_tab = _table(purifier, classifier, x_cal, y_cal, grid, **table_kw)
     adv_tab = _table(purifier, classifier, x_adv, y_cal, grid, **table_kw)

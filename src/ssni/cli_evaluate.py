@@ -200,7 +200,12 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out)
     _write_config(out, cfg)
     start = time.perf_counter()
-    parts = build.build_components(cfg, generator=build.seeded_generator(cfg.subset_seed))
+    fitting = cfg.policy != "constant" and not cfg.policy_file
+    bar = _Bar(cfg.stats_n if fitting else 0, "clean score norms", _quiet(args))
+    parts = build.build_components(
+        cfg, generator=build.seeded_generator(cfg.subset_seed), progress=bar
+    )
+    bar.close()
     x, y = build.eval_images(cfg)
     setup = build.build_attack(cfg, parts.defense)
     log.info("%s: %d images, %s", cfg.name, x.shape[0], setup.description)
@@ -252,7 +257,7 @@ def _policy_info(policy) -> Dict[str, Any]:
 
 def cmd_calibrate(args) -> int:
     from . import build, reports
-    from .calibrate import calibrate, save_policy
+    from .calibrate import calibrate, level_grid, save_policy
     from .config import ConfigError
     from .defense import Defense
     from .policies import SSNI, Constant
@@ -291,7 +296,14 @@ def cmd_calibrate(args) -> int:
         levels=cfg.levels,
         batch_joined=cfg.batch_joined,
     ).to(dev)
-    bar = _Bar(0, "calibrate", _quiet(args))
+    admissible = [
+        b
+        for b in cfg.calib_biases
+        if 0 < cfg.t_star + b <= 1 and (cfg.policy == "ssni-n" or b >= 0)
+    ] or [0.0]
+    levels = int((level_grid(cfg.t_star, admissible) > 0).sum())
+    total = x_stats.shape[0] + 2 * x_cal.shape[0] * (1 + levels)
+    bar = _Bar(total, "calibrate", _quiet(args))
     result = calibrate(
         policy,
         purifier,
@@ -375,7 +387,12 @@ def cmd_analyze_t(args) -> int:
         overlay = cfg.replace(policy="ssni-n")  # show where SSNI-N would put each sample
     else:
         overlay = cfg
-    policy = build.build_policy(overlay, model, generator=build.seeded_generator(cfg.subset_seed))
+    fitting = overlay.policy != "constant" and not overlay.policy_file
+    bar = _Bar(overlay.stats_n if fitting else 0, "clean score norms", _quiet(args))
+    policy = build.build_policy(
+        overlay, model, generator=build.seeded_generator(cfg.subset_seed), progress=bar
+    )
+    bar.close()
     if not isinstance(policy, SSNI):
         policy = None
     x, y = build.eval_images(cfg)
