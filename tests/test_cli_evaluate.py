@@ -47,6 +47,7 @@ def test_presets_lists_every_row_with_one_line(capsys):
         (["--set", "dataset=cifar10", "--set", "score_model=cifar10-ddpmpp"], "score_model_path"),
         (["--set", "policy_file=/nonexistent/policy.json"], "policy_file"),
         (["--preset", "no-such-preset"], "preset"),
+        (["--preset", "cifar10-gns-ssni-l-pgd-l2", "--set", "device=cpu"], "score_model_path"),
     ],
 )
 def test_bad_configuration_exits_2_with_one_line(tmp_path, capsys, extra, key):

@@ -180,6 +180,11 @@ def check_device(cfg: RunConfig) -> None:
         raise ConfigError("device", "mps is not available here; use --set device=cpu")
 
 
+def _require_path(path: str, key: str, source: str) -> None:
+    if not Path(path).exists():
+        raise ConfigError(key, f"no such file {path!r}; get it from {' '.join(source.split())}")
+
+
 def build_score_model(cfg: RunConfig) -> ScoreModel:
     """The score model named by ``score_model`` (dataset default if empty), on ``device``."""
     check_device(cfg)
@@ -197,6 +202,7 @@ def build_score_model(cfg: RunConfig) -> ScoreModel:
             raise ConfigError(
                 "score_model_path", f"{name} needs its local checkpoint ({entry.file})"
             )
+        _require_path(cfg.score_model_path, "score_model_path", zoo.SCORE_MODELS[name].source)
         model = zoo.load_score_model(name, cfg.score_model_path)
     model.eval()
     for p in model.parameters():
@@ -218,6 +224,7 @@ def build_classifier(cfg: RunConfig) -> nn.Module:
         if not cfg.classifier_path:
             entry = zoo.CLASSIFIERS[name]
             raise ConfigError("classifier_path", f"{name} needs its local weights ({entry.file})")
+        _require_path(cfg.classifier_path, "classifier_path", zoo.CLASSIFIERS[name].source)
         model = zoo.load_classifier(name, cfg.classifier_path)
     model.eval()
     for p in model.parameters():
