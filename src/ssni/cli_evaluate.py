@@ -126,6 +126,13 @@ def _craft(setup, x, y, cfg, generator, bar) -> torch.Tensor:
 def cmd_presets(args) -> int:
     from .config import _read_preset, find_preset, list_presets, load_config, to_toml
 
+    if args.keys:
+        from .config import RunConfig, key_type
+
+        defaults = RunConfig().to_dict()
+        width = max(len(k) for k in defaults)
+        _emit("\n".join(f"{k:<{width}}  {key_type(k):<11}  {defaults[k]!r}" for k in defaults))
+        return 0
     if args.show:
         find_preset(args.show)
         _emit(to_toml(load_config(args.show)))
@@ -528,6 +535,7 @@ def register(subparsers) -> None:
         description="List presets: those in $SSNI_CONFIG_DIR, ./configs and the package.",
     )
     p.add_argument("--show", metavar="NAME", help="print one preset's resolved configuration")
+    p.add_argument("--keys", action="store_true", help="list every key with its type and default")
     p.add_argument("--quiet", dest="sub_quiet", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_presets)
 
