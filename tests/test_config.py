@@ -108,3 +108,11 @@ def test_bad_preset_files(tmp_path, text, key):
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert info.value.key == key and "\n" not in str(info.value)
+
+
+def test_presets_are_found_outside_the_repository(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./configs here: the packaged presets are used
+    monkeypatch.delenv(config.PRESET_ENV, raising=False)
+    names = list(config.list_presets())
+    assert sum(n.startswith("cifar10-") for n in names) >= 18
+    assert load_config("imagenet-diffpure-ssni-n-pgd-linf").t_star == 0.2
