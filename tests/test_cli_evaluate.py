@@ -118,3 +118,19 @@ def test_shipped_weights_row_runs_in_under_two_minutes(tmp_path):
     assert time.perf_counter() - start < 120
     doc = json.loads((tmp_path / "run" / "report.json").read_text())
     assert doc["rows"][0]["config"]["score_model"] == "fmnist-unet"
+
+
+def test_weights_are_found_in_cwd_first_then_in_the_repository(tmp_path, monkeypatch, weights):
+    import shutil
+
+    from ssni import build
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    local = tmp_path / "weights" / "fmnist_cnn.safetensors"
+    shutil.copy(weights[1], local)
+    assert build.find_weights("fmnist_cnn.safetensors") == local
+    root = build.repo_root()
+    assert root is not None and (root / "src" / "ssni").is_dir()
+    with pytest.raises(FileNotFoundError):
+        build.find_weights("no_such_weights.safetensors")
