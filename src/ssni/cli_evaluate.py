@@ -42,7 +42,7 @@ class _Bar:
 
     def __init__(self, total: int, desc: str, quiet: bool) -> None:
         self.bar = None
-        if not quiet:
+        if not quiet and total > 0:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="img", disable=None, leave=False)
