@@ -33,7 +33,7 @@ data:
 demo: venv data
 	$(BIN)/ssni demo --data-dir $(FMNIST_DIR) --out demo-output
 
-test: venv
+test: venv data
 	$(BIN)/python -m pytest -q
 
 lint: venv

@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NamedTuple
 
 import torch
 
@@ -198,17 +198,28 @@ def _figures(out: Path, cfg, report) -> List[str]:
     return made
 
 
-def cmd_evaluate(args) -> int:
+class RunResult(NamedTuple):
+    """What :func:`run_config` produced: the report, its table rows, file names and time."""
+
+    report: Any
+    rows: List[Dict[str, Any]]
+    files: List[str]
+    seconds: float
+
+
+def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
+    """Evaluate one configuration into ``out`` (config.toml, log.jsonl, report files, figures).
+
+    A rerun with the same configuration resumes from ``out/log.jsonl``.
+    """
     from . import build, reports
     from .evaluate import evaluate
 
-    _setup(args)
-    cfg = _load(args)
-    out = Path(args.out)
+    out = Path(out)
     _write_config(out, cfg)
     start = time.perf_counter()
     fitting = cfg.policy != "constant" and not cfg.policy_file
-    bar = _Bar(cfg.stats_n if fitting else 0, "clean score norms", _quiet(args))
+    bar = _Bar(cfg.stats_n if fitting else 0, "clean score norms", not progress)
     parts = build.build_components(
         cfg, generator=build.seeded_generator(cfg.subset_seed), progress=bar
     )
@@ -226,7 +237,7 @@ def cmd_evaluate(args) -> int:
         batch_size=cfg.batch_size,
         surrogate=surrogate,
         log_path=out / "log.jsonl",
-        progress=_show_progress(args),
+        progress=progress,
         sanity_samples=min(64, cfg.n),
     )
     seconds = time.perf_counter() - start
@@ -239,13 +250,23 @@ def cmd_evaluate(args) -> int:
         "policy": _policy_info(parts.policy),
         "resolved_config": cfg.to_dict(),
     }
-    paths = reports.write_report(out, _rows(cfg, report), title=cfg.name, extra=extra)
-    figures = _figures(out, cfg, report)
+    rows = _rows(cfg, report)
+    paths = reports.write_report(out, rows, title=cfg.name, extra=extra)
+    files = [p.name for p in paths.values()] + _figures(out, cfg, report)
+    return RunResult(report, rows, files, seconds)
+
+
+def cmd_evaluate(args) -> int:
+    from . import reports
+
+    _setup(args)
+    cfg = _load(args)
+    out = Path(args.out)
+    result = run_config(cfg, out, progress=_show_progress(args))
     _emit((out / reports.REPORT_MD).read_text(encoding="utf-8"))
     _emit(
-        f"wrote {', '.join(p.name for p in paths.values())}"
-        f"{', ' + ', '.join(figures) if figures else ''}, config.toml, log.jsonl to {out} "
-        f"({seconds:.1f} s)"
+        f"wrote {', '.join(result.files)}, config.toml, log.jsonl to {out} "
+        f"({result.seconds:.1f} s)"
     )
     return 0
 
