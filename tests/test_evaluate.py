@@ -70,6 +70,11 @@ def test_batches_or_tensors_give_the_same_report():
                  [(x[:3], y[:3]), (x[3:], y[3:])], seeds=[3], votes=3, worst_of=3, batch_size=4,
                  sanity_checks=False)
     assert a.to_dict() == b.to_dict()
+    # clean results do not depend on the attack (paired comparisons between attacks)
+    c = evaluate(_digits_defense(), APGD(ThreatModel("L2", 0.5), steps=2, eot=1), (x, y),
+                 seeds=[3], votes=3, worst_of=3, batch_size=4, sanity_checks=False)
+    for ra, rc in zip(a.records, c.records):
+        assert ra["clean_passes"] == rc["clean_passes"] and ra["t_clean"] == rc["t_clean"]
 
 
 def test_ssni_records_and_surrogate(tmp_path):

@@ -9,9 +9,10 @@ Protocol (SSNI paper, after Lee & Kim 2023 and Croce & Hein 2020):
   if all ``worst_of`` passes are right; a clean-misclassified sample is never robust;
 * each seed is a full repetition; accuracies are reported as mean and sample std over seeds.
 
-Randomness is derived from ``(seed, chunk start)``, chunks being fixed runs of ``batch_size``
-consecutive samples of the data, so results do not depend on how the data were batched or on
-restarts (with ``batch_size=1`` every sample's randomness depends on its own index only).
+Randomness is derived from ``(seed, chunk start, phase)``, chunks being fixed runs of
+``batch_size`` consecutive samples of the data, so results do not depend on how the data were
+batched or on restarts (with ``batch_size=1`` every sample's randomness depends on its own index
+only), and clean results (predictions, levels, score norms) are the same whatever the attack.
 With ``log_path`` every finished sample is appended to a JSONL log and flushed; a restarted
 evaluation with the same configuration skips what is done and gives the same report, and a log
 written by another configuration is refused.
@@ -343,16 +344,17 @@ class _Log:
 def _attack_chunk(
     defense, grad_model, attack: Attack, x, y, idx, seed, passes, votes, worst_of, classes
 ) -> List[dict]:
-    gen = _generator(x.device, seed, int(idx[0]))
-    clean = _passes(defense, x, passes, gen)
-    x_adv = attack(grad_model, x, y, gen)
+    # one stream per phase: clean results do not depend on the attack's use of randomness
+    gen_clean, gen_attack, gen_adv = (_generator(x.device, seed, int(idx[0]), k) for k in range(3))
+    clean = _passes(defense, x, passes, gen_clean)
+    t_clean, e_clean = _probe(defense, x, gen_clean)
+    x_adv = attack(grad_model, x, y, gen_attack)
     stats = attack.last_stats or {}
     outside = ~attack.threat.contains(x_adv, x)
     if bool(outside.any()):
         x_adv = attack.threat.project(x_adv, x)
-    adv = _passes(defense, x_adv, passes, gen)
-    t_clean, e_clean = _probe(defense, x, gen)
-    t_adv, e_adv = _probe(defense, x_adv, gen)
+    adv = _passes(defense, x_adv, passes, gen_adv)
+    t_adv, e_adv = _probe(defense, x_adv, gen_adv)
     clean_pred = _majority(clean[:votes], classes)
     adv_pred = _majority(adv[:votes], classes)
     clean_ok = clean_pred == y
