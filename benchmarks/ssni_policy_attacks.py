@@ -11,7 +11,7 @@ real defense. Prints clean/robust accuracy (mean +- std over seeds), the mean le
 norms of clean and adversarial inputs, and the ROC AUC of e(x) separating them.
 
 Usage: ``python benchmarks/ssni_policy_attacks.py [--preset NAME] [--set key=value ...]
-[--lam 1.0] [--out DIR]`` (each variant keeps a resumable log in ``DIR``).
+[--lam 1.0] [--variants abc] [--out DIR]`` (each variant keeps a resumable log in ``DIR``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--lam", type=float, default=1.0, help="weight of the score norm")
     parser.add_argument("--out", default="runs/ssni-policy-attacks")
+    parser.add_argument("--variants", default="abc", help="which of a, b, c to run")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -59,11 +60,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"{cfg.name}: {x.shape[0]} images, {base.description}")
     for i, (name, setup) in enumerate(variants.items()):
+        if "abc"[i] not in args.variants:
+            continue
         report = evaluate(
             parts.defense, setup.attack, (x.to(cfg.device), y.to(cfg.device)),
             seeds=cfg.seeds, votes=cfg.votes, batch_size=cfg.batch_size,
             surrogate=None if setup.target is parts.defense else setup.target,
-            log_path=out / f"variant{i}.jsonl", progress=args.progress,
+            log_path=out / f"variant_{'abc'[i]}.jsonl", progress=args.progress,
             sanity_checks=(i == 0), sanity_samples=min(64, x.shape[0]),
         )
         e_c = np.array(report.score_norm_clean, dtype=float)
