@@ -4,9 +4,21 @@ Pipeline: ``t = policy(x)`` -> ``x_pure = purifier(x, t)`` -> ``logits = classif
 """
 
 from .adapters import DiffusersUNet, ResizedPurifier
+from .attacks import (
+    APGD,
+    EOT,
+    PGD,
+    Surrogate,
+    ThreatModel,
+    autoattack_rand,
+    bpda,
+    full,
+    relaxed,
+)
 from .checkpoints import CheckpointError
 from .defense import Defense, DefenseOutput
 from .diffusion import VPSchedule
+from .evaluate import Report, evaluate
 from .gdmp import GDMP
 from .gns import GNS
 from .policies import SSNI, Constant, NoiseLevelPolicy, eps_score_norm
@@ -44,4 +56,15 @@ __all__ = [
     "CheckpointError",
     "DiffusersUNet",
     "ResizedPurifier",
+    "ThreatModel",
+    "PGD",
+    "APGD",
+    "autoattack_rand",
+    "EOT",
+    "Surrogate",
+    "bpda",
+    "full",
+    "relaxed",
+    "evaluate",
+    "Report",
 ]
