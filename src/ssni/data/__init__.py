@@ -11,12 +11,14 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
+from .cifar10 import load_cifar10
 from .digits import digits_sha256, load_digits
 from .fashion_mnist import (
     DatasetNotFoundError,
     fashion_mnist_sha256,
     load_fashion_mnist,
 )
+from .imagenet import load_imagenet_val
 from .splits import SPLITS, holdout_split, subset
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "load_fashion_mnist",
     "fashion_mnist_sha256",
     "load_digits",
+    "load_cifar10",
+    "load_imagenet_val",
     "digits_sha256",
     "holdout_split",
     "subset",
