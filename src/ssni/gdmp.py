@@ -46,11 +46,10 @@ import torch
 from torch import Tensor
 
 from .diffusion import VPSchedule, expand_like
-from .purifiers import Purification, Purifier, to_image_space, to_model_space
+from .purifiers import DiffusionPurifier, Purification
 from .sampling import StepRule, make_step_rule, reverse
 from .score import ScoreModel
 from .ssim import ssim_map
-from .validation import as_times, check_images
 
 __all__ = [
     "GDMP",
@@ -156,7 +155,7 @@ class _SampleChannels(ScoreModel):
         return torch.cat([e, torch.zeros_like(x[:, self.channels :])], dim=1)
 
 
-class GDMP(Purifier):
+class GDMP(DiffusionPurifier):
     """Guided diffusion purification (Wang et al. 2022) with one noise level per sample.
 
     ``purifier(x, t)``: ``x`` ``(B, C, H, W)`` in [0, 1], ``t`` ``(B,)`` (or a float) in [0, 1],
@@ -281,11 +280,3 @@ class GDMP(Purifier):
                 x = out.x
             nfe = nfe + out.nfe
         return Purification(x, nfe)
-
-    def run(
-        self, x: Tensor, t: Union[float, Tensor], generator: Optional[torch.Generator] = None
-    ) -> Purification:
-        check_images(x)
-        t = as_times(t, x)
-        out = self.denoise(to_model_space(x), t, generator)
-        return Purification(to_image_space(out.x), out.nfe)

@@ -28,10 +28,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .purifiers import Purification, Purifier, to_image_space, to_model_space
+from .purifiers import DiffusionPurifier, Purification
 from .sampling import make_step_rule, reverse
 from .score import ScoreModel
-from .validation import as_times, check_images
 
 __all__ = [
     "GNS",
@@ -51,7 +50,7 @@ GNS_CIFAR10_SURROGATE_STAGES = (0.03, 0.05, 0.125)
 GNS_CIFAR10_SURROGATE_STEPS = (1, 1, 5)
 
 
-class GNS(Purifier):
+class GNS(DiffusionPurifier):
     """Gradual noise scheduling (Lee & Kim 2023) with a per-sample noise factor.
 
     ``purifier(x, t)``: ``x`` ``(B, C, H, W)`` in [0, 1], ``t`` ``(B,)`` (or a float) in
@@ -161,11 +160,3 @@ class GNS(Purifier):
             x = out.x
             nfe = nfe + out.nfe
         return Purification(x, nfe)
-
-    def run(
-        self, x: Tensor, t: Union[float, Tensor], generator: Optional[torch.Generator] = None
-    ) -> Purification:
-        check_images(x)
-        t = as_times(t, x)
-        out = self.denoise(to_model_space(x), t, generator)
-        return Purification(to_image_space(out.x), out.nfe)

@@ -17,6 +17,7 @@ from .score import ScoreModel
 from .validation import as_times, check_images
 
 __all__ = [
+    "DiffusionPurifier",
     "Purification",
     "Purifier",
     "DiffPure",
@@ -57,7 +58,27 @@ class Purifier(nn.Module):
         return self.run(x, t, generator=generator).x
 
 
-class DiffPure(Purifier):
+class DiffusionPurifier(Purifier):
+    """A purifier that works in model space: subclasses implement :meth:`denoise`.
+
+    ``run`` checks the inputs, maps [0, 1] images to [-1, 1], calls ``denoise`` and maps back.
+    """
+
+    def denoise(
+        self, x_model: Tensor, t: Tensor, generator: Optional[torch.Generator] = None
+    ) -> Purification:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(
+        self, x: Tensor, t: Union[float, Tensor], generator: Optional[torch.Generator] = None
+    ) -> Purification:
+        check_images(x)
+        t = as_times(t, x)
+        out = self.denoise(to_model_space(x), t, generator)
+        return Purification(to_image_space(out.x), out.nfe)
+
+
+class DiffPure(DiffusionPurifier):
     """DiffPure (Nie et al. 2022) with one noise level per sample.
 
     Forward diffusion of each image to its own ``t``, reverse process from ``t`` to 0, back to
@@ -114,14 +135,6 @@ class DiffPure(Purifier):
                 checkpoint=self.checkpoint,
             )
         )
-
-    def run(
-        self, x: Tensor, t: Union[float, Tensor], generator: Optional[torch.Generator] = None
-    ) -> Purification:
-        check_images(x)
-        t = as_times(t, x)
-        out = self.denoise(to_model_space(x), t, generator)
-        return Purification(to_image_space(out.x), out.nfe)
 
 
 class StraightThrough(Purifier):
