@@ -298,8 +298,11 @@ def read_report(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / REPORT_JSON
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not an ssni report (not JSON)") from None
     if not isinstance(doc, dict) or "rows" not in doc:
         raise ValueError(f"{path} is not an ssni report (no 'rows')")
     return doc
