@@ -108,8 +108,9 @@ def cmd_demo(args) -> int:
         undefended = undefended or dict(report.undefended or {})
         tc = [v for v in report.t_clean if v is not None]
         ta = [v for v in report.t_adv if v is not None]
-        levels[f"{label} clean"] = tc
-        levels[f"{label} adversarial"] = ta
+        if cfg.policy != "constant":  # a constant policy is the t* line of the figure
+            levels[f"{label} clean"] = tc
+            levels[f"{label} adversarial"] = ta
         ec = [v for v in report.score_norm_clean if v is not None]
         ea = [v for v in report.score_norm_adv if v is not None]
         if ec and ea:

@@ -383,7 +383,8 @@ def plot_t_hist(
     fig, ax = plt.subplots(figsize=(5, 3.5))
     values = np.concatenate([v for v in arrays.values() if v.size] or [np.zeros(1)])
     lo, hi = float(values.min()), float(values.max())
-    bins = np.arange(math.floor(lo) - 0.5, math.ceil(hi) + 1.5, max(1.0, (hi - lo) / 30))
+    edges = max(2, min(31, math.ceil(hi) - math.floor(lo) + 2))
+    bins = np.linspace(math.floor(lo) - 0.5, math.ceil(hi) + 0.5, edges)
     for label, v in arrays.items():
         ax.hist(v, bins=bins, alpha=0.55, label=f"{label} (mean {v.mean():.1f})")
     if t_star is not None:
