@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .diffusion import VPSchedule, expand_like
 from .purifiers import DiffusionPurifier, Purification
-from .sampling import StepRule, make_step_rule, reverse
+from .sampling import StepRule, reverse
 from .score import ScoreModel
 from .ssim import ssim_map
 
@@ -193,7 +193,9 @@ class GDMP(DiffusionPurifier):
         step_size: float = 1e-3,
         checkpoint: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            model, rule=rule, eta=eta, steps=steps, step_size=step_size, checkpoint=checkpoint
+        )
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
         if distance not in ("mse", "ssim"):
@@ -204,27 +206,17 @@ class GDMP(DiffusionPurifier):
             )
         if int(rounds) != rounds or rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1, got {rounds}")
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        self.model = model
         self.scale = float(scale)
         self.scale_schedule = scale_schedule
         self.distance = distance
         self.rounds = int(rounds)
         self.fixed_guidance_noise = bool(fixed_guidance_noise)
-        self.rule_name = rule
-        self.rule = make_step_rule(rule, eta)
-        self.steps = steps
-        self.step_size = None if steps is not None else float(step_size)
-        self.checkpoint = bool(checkpoint)
 
     def extra_repr(self) -> str:
-        spacing = f"steps={self.steps}" if self.steps is not None else f"step_size={self.step_size}"
         sched = self.scale_schedule if isinstance(self.scale_schedule, str) else "callable"
         return (
             f"scale={self.scale:.4g}, scale_schedule={sched!r}, distance={self.distance!r}, "
-            f"rounds={self.rounds}, rule={self.rule_name!r}, {spacing}, "
-            f"checkpoint={self.checkpoint}"
+            f"rounds={self.rounds}, {super().extra_repr()}"
         )
 
     def _reverse(self, model: ScoreModel, x_t: Tensor, t: Tensor, rule: StepRule, generator):

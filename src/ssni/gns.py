@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .purifiers import DiffusionPurifier, Purification
-from .sampling import make_step_rule, reverse
+from .sampling import reverse
 from .score import ScoreModel
 
 __all__ = [
@@ -81,7 +81,9 @@ class GNS(DiffusionPurifier):
         eta: Optional[float] = None,
         checkpoint: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            model, rule=rule, eta=eta, steps=steps, step_size=step_size, checkpoint=checkpoint
+        )
         stages = tuple(float(s) for s in stages)
         if not stages:
             raise ValueError("GNS needs at least one stage")
@@ -93,8 +95,6 @@ class GNS(DiffusionPurifier):
             raise ValueError(f"reference_t must be in (0, 1], got {reference_t}")
         if steps is None:
             per_stage = (None,) * len(stages)
-            if not step_size > 0:
-                raise ValueError(f"step_size must be > 0, got {step_size}")
         elif isinstance(steps, int):
             per_stage = (steps,) * len(stages)
         else:
@@ -106,14 +106,9 @@ class GNS(DiffusionPurifier):
                 )
         if any(n is not None and n < 1 for n in per_stage):
             raise ValueError(f"steps must be >= 1, got {steps}")
-        self.model = model
         self.stages = stages
         self.reference_t = float(reference_t)
         self.stage_steps = per_stage
-        self.step_size = None if steps is not None else float(step_size)
-        self.rule_name = rule
-        self.rule = make_step_rule(rule, eta)
-        self.checkpoint = bool(checkpoint)
 
     @classmethod
     def surrogate(cls, model: ScoreModel, **kwargs) -> GNS:
@@ -124,14 +119,7 @@ class GNS(DiffusionPurifier):
         return cls(model, **kwargs)
 
     def extra_repr(self) -> str:
-        if self.step_size is not None:
-            spacing = f"step_size={self.step_size}"
-        else:
-            spacing = f"steps={list(self.stage_steps)}"
-        return (
-            f"stages={list(self.stages)}, reference_t={self.reference_t}, "
-            f"rule={self.rule_name!r}, {spacing}, checkpoint={self.checkpoint}"
-        )
+        return f"stages={list(self.stages)}, reference_t={self.reference_t}, {super().extra_repr()}"
 
     def stage_levels(self, t: Tensor) -> Tensor:
         """``(S, B)`` levels of each stage for per-sample ``t`` ``(B,)`` (differentiable)."""

@@ -61,8 +61,36 @@ class Purifier(nn.Module):
 class DiffusionPurifier(Purifier):
     """A purifier that works in model space: subclasses implement :meth:`denoise`.
 
-    ``run`` checks the inputs, maps [0, 1] images to [-1, 1], calls ``denoise`` and maps back.
+    Holds the score model and the reverse-process settings (step rule, spacing, checkpointing)
+    that DiffPure, GDMP and GNS share. ``run`` checks the inputs, maps [0, 1] images to
+    [-1, 1], calls ``denoise`` and maps back.
     """
+
+    def __init__(
+        self,
+        model: ScoreModel,
+        *,
+        rule: str = "ddpm",
+        eta: Optional[float] = None,
+        steps=None,
+        step_size: float = 1e-3,
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(steps, int) and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if steps is None and not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        self.model = model
+        self.rule_name = rule
+        self.rule = make_step_rule(rule, eta)
+        self.steps = steps
+        self.step_size = None if steps is not None else float(step_size)
+        self.checkpoint = bool(checkpoint)
+
+    def extra_repr(self) -> str:
+        spacing = f"steps={self.steps}" if self.steps is not None else f"step_size={self.step_size}"
+        return f"rule={self.rule_name!r}, {spacing}, checkpoint={self.checkpoint}"
 
     def denoise(
         self, x_model: Tensor, t: Tensor, generator: Optional[torch.Generator] = None
@@ -106,17 +134,9 @@ class DiffPure(DiffusionPurifier):
         step_size: float = 1e-3,
         checkpoint: bool = False,
     ) -> None:
-        super().__init__()
-        self.model = model
-        self.rule_name = rule
-        self.rule = make_step_rule(rule, eta)
-        self.steps = steps
-        self.step_size = None if steps is not None else float(step_size)
-        self.checkpoint = bool(checkpoint)
-
-    def extra_repr(self) -> str:
-        spacing = f"steps={self.steps}" if self.steps is not None else f"step_size={self.step_size}"
-        return f"rule={self.rule_name!r}, {spacing}, checkpoint={self.checkpoint}"
+        super().__init__(
+            model, rule=rule, eta=eta, steps=steps, step_size=step_size, checkpoint=checkpoint
+        )
 
     def denoise(
         self, x_model: Tensor, t: Tensor, generator: Optional[torch.Generator] = None
