@@ -34,11 +34,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from ssni import attacks, build
-    from ssni.config import load_config
-    from ssni.evaluate import evaluate
-    from ssni.policies import SSNI
-    from ssni.reports import roc_auc
+    from ssni import attacks
+    from ssni.cli import build
+    from ssni.cli.config import load_config
+    from ssni.core.policies import SSNI
+    from ssni.eval.protocol import evaluate
+    from ssni.eval.reports import roc_auc
 
     cfg = load_config(args.preset, args.overrides)
     parts = build.build_components(cfg, generator=build.seeded_generator(cfg.subset_seed))

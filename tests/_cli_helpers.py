@@ -2,9 +2,9 @@
 
 import torch
 
+from ssni.io.weights import save_weights
 from ssni.nets.cnn import CNN
 from ssni.nets.unet import UNet
-from ssni.train import save_weights
 
 UNET_KW = dict(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                attn_levels=(), groups=4, heads=1)

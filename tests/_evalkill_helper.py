@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ssni  # noqa: E402
 from _models import TinyClassifier, gaussian_images  # noqa: E402
 from ssni.attacks import PGD, ThreatModel  # noqa: E402
-from ssni.evaluate import evaluate  # noqa: E402
+from ssni.eval.protocol import evaluate  # noqa: E402
 
 N_SAMPLES = 12
 SEEDS = (5, 6)

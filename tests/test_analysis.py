@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import ssni
-from ssni.analysis import analyze_t, right_only_above, right_only_below
+from ssni.eval.analysis import analyze_t, right_only_above, right_only_below
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import tiny_sets, tiny_weights  # noqa: E402
@@ -113,7 +113,7 @@ def test_fractions_match_the_analytic_gaussian_model():
 
 
 def test_analyze_t_command_writes_its_figure(tmp_path):
-    from ssni.cli import main
+    from ssni.cli.main import main
 
     s, c = tiny_weights(tmp_path)
     start = time.perf_counter()

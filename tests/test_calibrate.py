@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import ssni
-from ssni.calibrate import calibrate, load_policy, read_policy_file, save_policy
-from ssni.cli import main
+from ssni.cli.main import main
+from ssni.eval.calibrate import calibrate, load_policy, read_policy_file, save_policy
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import tiny_sets, tiny_weights  # noqa: E402

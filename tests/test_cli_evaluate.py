@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ssni.cli import main
+from ssni.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import tiny_sets, tiny_weights  # noqa: E402
@@ -99,7 +99,7 @@ def test_evaluate_end_to_end_and_report(tmp_path, capsys, weights):
 
 
 def test_shipped_weights_row_runs_in_under_two_minutes(tmp_path):
-    from ssni.build import LOCAL_MODELS, repo_root
+    from ssni.cli.build import LOCAL_MODELS, repo_root
 
     root = repo_root()
     files = [root / "weights" / f for f, _ in LOCAL_MODELS.values()] if root else []
@@ -123,7 +123,7 @@ def test_shipped_weights_row_runs_in_under_two_minutes(tmp_path):
 def test_weights_are_found_in_cwd_first_then_in_the_repository(tmp_path, monkeypatch, weights):
     import shutil
 
-    from ssni import build
+    from ssni.cli import build
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "weights").mkdir()

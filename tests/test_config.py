@@ -2,9 +2,9 @@
 
 import pytest
 
-from ssni import config
-from ssni.cli import UsageError
-from ssni.config import ConfigError, RunConfig, load_config
+from ssni.cli import config
+from ssni.cli.config import ConfigError, RunConfig, load_config
+from ssni.cli.main import UsageError
 
 
 def test_defaults_are_the_papers_cifar10_setting():

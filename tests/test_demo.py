@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ssni.cli import main
+from ssni.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import tiny_weights  # noqa: E402

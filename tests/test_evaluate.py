@@ -16,7 +16,7 @@ import ssni
 from _digits import digits_test, trained_digits_mlp
 from _models import TinyClassifier, gaussian_images, tiny_eps_model
 from ssni.attacks import APGD, PGD, ThreatModel, bpda
-from ssni.evaluate import Report, evaluate
+from ssni.eval.protocol import Report, evaluate
 
 HERE = Path(__file__).resolve().parent
 HELPER = HERE / "_evalkill_helper.py"

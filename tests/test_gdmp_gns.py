@@ -5,10 +5,10 @@ import torch
 
 import ssni
 from _models import CountingScore, TinyClassifier, gaussian_images
-from ssni.gdmp import GDMP, GDMP_CIFAR10_SCALE, mse_distance_grad, ssim_distance_grad
-from ssni.gns import GNS, GNS_CIFAR10_STAGES
-from ssni.purifiers import to_image_space, to_model_space
-from ssni.ssim import ssim, ssim_map
+from ssni.core.gdmp import GDMP, GDMP_CIFAR10_SCALE, mse_distance_grad, ssim_distance_grad
+from ssni.core.gns import GNS, GNS_CIFAR10_STAGES
+from ssni.core.purifiers import to_image_space, to_model_space
+from ssni.core.ssim import ssim, ssim_map
 
 
 def _gen(seed=0):

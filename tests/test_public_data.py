@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ssni.adapters import resize_images
 from ssni.data.cifar10 import load_cifar10
 from ssni.data.fashion_mnist import DatasetNotFoundError
 from ssni.data.imagenet import list_image_folder, load_imagenet_val
-from ssni.zoo import load_data
+from ssni.io.adapters import resize_images
+from ssni.io.zoo import load_data
 
 Image = pytest.importorskip("PIL.Image", reason="Pillow is needed for the ImageNet loader")
 
@@ -204,11 +204,11 @@ def test_imagenet_missing_folder(tmp_path: Path) -> None:
 
 def test_resized_purifier_imagenet_path() -> None:
     """224 images -> purifier at 256 -> back to 224, differentiable, inside a Defense."""
-    from ssni.adapters import Resized, ResizedPurifier
-    from ssni.defense import Defense
-    from ssni.policies import Constant
-    from ssni.purifiers import DiffPure
-    from ssni.score import GaussianScore
+    from ssni.core.defense import Defense
+    from ssni.core.policies import Constant
+    from ssni.core.purifiers import DiffPure
+    from ssni.core.score import GaussianScore
+    from ssni.io.adapters import Resized, ResizedPurifier
 
     seen = []
 

@@ -5,8 +5,8 @@ import torch
 
 import ssni
 from _models import gaussian_images, tiny_eps_model
-from ssni.gdmp import GDMP
-from ssni.gns import GNS
+from ssni.core.gdmp import GDMP
+from ssni.core.gns import GNS
 
 
 def _diffpure(model):

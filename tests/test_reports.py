@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from ssni import reports
+from ssni.eval import reports
 
 
 def _row(name, seed, clean, robust, **config):

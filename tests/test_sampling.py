@@ -5,7 +5,7 @@ import torch
 
 import ssni
 from _models import CountingScore, tiny_eps_model
-from ssni.sampling import ddim_step, euler_maruyama_step, make_step_rule, reverse, step_counts
+from ssni.core.sampling import ddim_step, euler_maruyama_step, make_step_rule, reverse, step_counts
 
 RULES = ["ddpm", "ddim", "sde"]
 

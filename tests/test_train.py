@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssni.cli import main
+from ssni.cli.main import main
+from ssni.core.score import EpsilonNetwork
 from ssni.data import load_digits
+from ssni.io.weights import load_classifier_file, load_score_model_file, read_metadata, save_weights
 from ssni.nets.cnn import CNN
 from ssni.nets.unet import UNet
-from ssni.score import EpsilonNetwork
 from ssni.train import (
     checkpoint_path_for,
     evaluate_classifier,
-    load_classifier_file,
-    load_score_model_file,
-    read_metadata,
-    save_weights,
     train_classifier,
     train_score_model,
 )

@@ -15,16 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssni.adapters import DiffusersUNet, Normalized, Resized, resize_images
-from ssni.checkpoints import (
+from ssni.core.diffusion import VPSchedule
+from ssni.core.score import ScoreModel
+from ssni.io.adapters import DiffusersUNet, Normalized, Resized, resize_images
+from ssni.io.checkpoints import (
     CheckpointError,
     CheckpointNotFoundError,
     read_checkpoint,
     strip_prefixes,
 )
-from ssni.diffusion import VPSchedule
-from ssni.score import ScoreModel
-from ssni.zoo import (
+from ssni.io.zoo import (
     CLASSIFIERS,
     DATASETS,
     SCORE_MODELS,

@@ -3,7 +3,6 @@
 Pipeline: ``t = policy(x)`` -> ``x_pure = purifier(x, t)`` -> ``logits = classifier(x_pure)``.
 """
 
-from .adapters import DiffusersUNet, ResizedPurifier
 from .attacks import (
     APGD,
     EOT,
@@ -15,17 +14,19 @@ from .attacks import (
     full,
     relaxed,
 )
-from .checkpoints import CheckpointError
-from .defense import Defense, DefenseOutput
-from .diffusion import VPSchedule
-from .evaluate import Report, evaluate
-from .gdmp import GDMP
-from .gns import GNS
-from .policies import SSNI, Constant, NoiseLevelPolicy, eps_score_norm
-from .purifiers import DiffPure, Purification, Purifier, StraightThrough
-from .sampling import ddim_step, euler_maruyama_step, reverse
-from .score import EpsilonNetwork, GaussianScore, ScoreModel
-from .zoo import CLASSIFIERS, SCORE_MODELS, load_classifier, load_score_model
+from .core.defense import Defense, DefenseOutput
+from .core.diffusion import VPSchedule
+from .core.gdmp import GDMP
+from .core.gns import GNS
+from .core.policies import SSNI, Constant, NoiseLevelPolicy, eps_score_norm
+from .core.purifiers import DiffPure, Purification, Purifier, StraightThrough
+from .core.sampling import ddim_step, euler_maruyama_step, reverse
+from .core.score import EpsilonNetwork, GaussianScore, ScoreModel
+from .eval.protocol import Report, evaluate
+from .io.adapters import DiffusersUNet, ResizedPurifier
+from .io.checkpoints import CheckpointError
+from .io.weights import load_classifier_file, load_score_model_file
+from .io.zoo import CLASSIFIERS, SCORE_MODELS, load_classifier, load_score_model
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,8 @@ __all__ = [
     "DefenseOutput",
     "load_score_model",
     "load_classifier",
+    "load_score_model_file",
+    "load_classifier_file",
     "SCORE_MODELS",
     "CLASSIFIERS",
     "CheckpointError",

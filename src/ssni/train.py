@@ -33,24 +33,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .diffusion import VPSchedule
-from .nets.cnn import CNN
-from .nets.unet import UNet
-from .score import EpsilonNetwork
+from .core.diffusion import VPSchedule
+from .core.score import EpsilonNetwork
+from .io.weights import TIME_SCALE
 
 __all__ = [
-    "ARCHITECTURES",
-    "build_network",
     "score_matching_loss",
     "train_score_model",
     "train_classifier",
     "evaluate_classifier",
     "denoising_error",
     "denoised_accuracy",
-    "save_weights",
-    "read_metadata",
-    "load_score_model_file",
-    "load_classifier_file",
     "checkpoint_path_for",
     "TrainResult",
 ]
@@ -60,17 +53,6 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 Callback = Optional[Callable[[Dict[str, Any]], None]]
 
-ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {"UNet": UNet, "CNN": CNN}
-METADATA_KEY = "ssni"
-TIME_SCALE = 1000.0
-FORMAT_VERSION = 1
-
-
-def build_network(arch: str, kwargs: Dict[str, Any]) -> nn.Module:
-    """Instantiate a registered architecture (``"UNet"`` or ``"CNN"``) from keyword arguments."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](**kwargs)
 
 
 def checkpoint_path_for(out: PathLike) -> Path:
@@ -518,84 +500,3 @@ def denoised_accuracy(
             pred = classifier(img.clamp(0.0, 1.0)).argmax(dim=1)
             hits[key] += int((pred == y).sum())
     return {k: v / max(1, images.shape[0]) for k, v in hits.items()}
-
-
-# --------------------------------------------------------------------------- weight files
-
-
-def _jsonable(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v
-                                  for k, v in kwargs.items()}))
-
-
-def save_weights(
-    path: PathLike,
-    model: nn.Module,
-    *,
-    arch: str,
-    arch_kwargs: Dict[str, Any],
-    kind: str,
-    info: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """Write ``model``'s state dict to a safetensors file with metadata under ``"ssni"``.
-
-    Args:
-        kind: ``"score_model"`` or ``"classifier"``.
-        info: extra JSON-able entries (schedule, time_scale, data, training config, command, ...).
-
-    Returns:
-        The metadata dictionary written.
-    """
-    if kind not in ("score_model", "classifier"):
-        raise ValueError(f"kind must be 'score_model' or 'classifier', got {kind!r}")
-    meta = {
-        "format": FORMAT_VERSION,
-        "kind": kind,
-        "arch": arch,
-        "arch_kwargs": _jsonable(arch_kwargs),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(info or {}),
-    }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
-    return meta
-
-
-def read_metadata(path: PathLike) -> Dict[str, Any]:
-    """The ``"ssni"`` metadata dictionary of a weights file written by :func:`save_weights`."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if METADATA_KEY not in meta:
-        raise ValueError(f"{path} has no '{METADATA_KEY}' metadata; not an ssni weights file")
-    return json.loads(meta[METADATA_KEY])
-
-
-def _load_net(path: PathLike, kind: str) -> Tuple[nn.Module, Dict[str, Any]]:
-    meta = read_metadata(path)
-    if meta.get("kind") != kind:
-        raise ValueError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
-    net = build_network(meta["arch"], meta["arch_kwargs"])
-    net.load_state_dict(load_file(str(path)))
-    return net.eval(), meta
-
-
-def load_score_model_file(path: PathLike) -> EpsilonNetwork:
-    """Rebuild the score model of a weights file as an :class:`~ssni.score.EpsilonNetwork`.
-
-    The network, schedule and time scale come from the file's metadata; CPU, eval mode.
-    """
-    net, meta = _load_net(path, "score_model")
-    schedule = VPSchedule(**meta.get("schedule", {}))
-    model = EpsilonNetwork(net, schedule, time_scale=float(meta.get("time_scale", TIME_SCALE)))
-    return model.eval()
-
-
-def load_classifier_file(path: PathLike) -> nn.Module:
-    """Rebuild the classifier of a weights file (input ``(B, C, H, W)`` in [0, 1]); CPU, eval."""
-    net, _ = _load_net(path, "classifier")
-    return net

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..validation import check_images
+from ..core.validation import check_images
 from .gradients import EOT, GradientEstimator, forward
 from .losses import Loss, make_loss
 from .threat import ThreatModel

@@ -28,8 +28,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..defense import Defense
-from ..purifiers import StraightThrough
+from ..core.defense import Defense
+from ..core.purifiers import StraightThrough
 
 __all__ = [
     "GradientEstimate",

@@ -9,7 +9,7 @@ files as DiffPure's ``numpy.random.RandomState(seed).choice(len(dataset), n, rep
 Preprocessing (PIL): RGB, shorter side resized to ``resize`` (bilinear), centre crop ``size``,
 scaled to [0, 1]. ``size=256`` (default) gives the guided-diffusion resolution directly;
 ``size=224`` is the classifier resolution (DiffPure: Resize(256) + CenterCrop(224), then bilinear
-224 -> 256 around the diffusion model with :func:`ssni.adapters.resize_images`).
+224 -> 256 around the diffusion model with :func:`ssni.io.adapters.resize_images`).
 """
 
 from __future__ import annotations

@@ -34,10 +34,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..core.policies import SSNI, Constant, NoiseLevelPolicy
+from ..core.purifiers import Purifier
+from ..core.score import ScoreModel
 from .analysis import correctness_grid
-from .policies import SSNI, Constant, NoiseLevelPolicy
-from .purifiers import Purifier
-from .score import ScoreModel
 
 __all__ = [
     "POLICY_FORMAT",

@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .policies import NoiseLevelPolicy
-from .purifiers import Purifier
+from ..core.policies import NoiseLevelPolicy
+from ..core.purifiers import Purifier
 
 __all__ = [
     "correctness_grid",

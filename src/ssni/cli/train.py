@@ -12,19 +12,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .cli import UsageError
-from .data import dataset_sha256, load_dataset
-from .diffusion import VPSchedule
-from .train import (
-    build_network,
+from ..core.diffusion import VPSchedule
+from ..data import dataset_sha256, load_dataset
+from ..errors import UsageError
+from ..io.weights import load_classifier_file, load_score_model_file, read_metadata, save_weights
+from ..nets import build_network
+from ..train import (
     checkpoint_path_for,
     denoised_accuracy,
     denoising_error,
     evaluate_classifier,
-    load_classifier_file,
-    load_score_model_file,
-    read_metadata,
-    save_weights,
     train_classifier,
     train_score_model,
 )
@@ -261,7 +258,7 @@ def run_train_score(args: argparse.Namespace) -> int:
         "data", "data_dir", "steps", "batch_size", "lr", "seed", "ema_decay", "warmup",
         "small_t_max", "small_t_prob", "hflip", "base_channels", "channel_mults",
         "num_res_blocks", "attn_levels", "dropout", "checkpoint_every", "out"])
-    from .score import EpsilonNetwork
+    from ..core.score import EpsilonNetwork
 
     model = EpsilonNetwork(result.model, schedule, time_scale=1000.0)
     x_val, _ = _load(args, "val")
@@ -336,7 +333,7 @@ def run_eval_classifier(args: argparse.Namespace) -> int:
 
 
 def run_eval_score(args: argparse.Namespace) -> int:
-    from .data import subset
+    from ..data import subset
 
     model = load_score_model_file(args.weights)
     x, y = _load(args, args.split)

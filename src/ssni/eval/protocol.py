@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .attacks.base import Attack
-from .attacks.gradients import EOT, forward
+from ..attacks.base import Attack
+from ..attacks.gradients import EOT, forward
 
 __all__ = ["evaluate", "Report", "LOG_FORMAT"]
 

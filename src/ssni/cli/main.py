@@ -8,16 +8,16 @@ import logging
 import sys
 from typing import List, Optional
 
+from ..errors import UsageError
+
+__all__ = ["main", "build_parser", "UsageError"]
+
 # Each command module exposes ``register(subparsers)``; the parser it adds sets ``func(args)``.
 COMMAND_MODULES = [
-    "ssni.cli_train",
-    "ssni.cli_demo",
-    "ssni.cli_evaluate",
+    "ssni.cli.train",
+    "ssni.cli.demo",
+    "ssni.cli.evaluate",
 ]
-
-
-class UsageError(Exception):
-    """Bad usage or configuration: exit code 2 with a one-line message."""
 
 
 def build_parser() -> argparse.ArgumentParser:

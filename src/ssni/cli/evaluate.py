@@ -1,6 +1,6 @@
 """Commands ``evaluate``, ``presets``, ``calibrate``, ``analyze-t`` and ``report``.
 
-Every command reads one flat configuration (see :mod:`ssni.config`): a preset (``--preset NAME``
+Every command reads one flat configuration (see :mod:`ssni.cli.config`): a preset (``--preset NAME``
 or a path to a ``.toml`` file) plus ``--set key=value`` overrides. Results go to ``--out DIR``
 with the resolved configuration beside them (``config.toml``). Exit codes: 0 success, 2 bad
 usage or configuration (one-line message naming the key), 1 runtime failure.
@@ -18,7 +18,7 @@ from typing import Any, Dict, List, NamedTuple
 
 import torch
 
-from .cli import UsageError
+from ..errors import UsageError
 
 log = logging.getLogger("ssni.cli")
 
@@ -156,7 +156,7 @@ def cmd_presets(args) -> int:
 
 
 def _rows(cfg, report) -> List[Dict[str, Any]]:
-    from .reports import roc_auc
+    from ..eval.reports import roc_auc
 
     rows = []
     for per in report.per_seed:
@@ -179,7 +179,7 @@ def _rows(cfg, report) -> List[Dict[str, Any]]:
 
 
 def _figures(out: Path, cfg, report) -> List[str]:
-    from . import reports
+    from ..eval import reports
 
     made = []
     ec = [v for v in report.score_norm_clean if v is not None]
@@ -212,8 +212,9 @@ def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
 
     A rerun with the same configuration resumes from ``out/log.jsonl``.
     """
-    from . import build, reports
-    from .evaluate import evaluate
+    from ..eval import reports
+    from ..eval.protocol import evaluate
+    from . import build
 
     out = Path(out)
     _write_config(out, cfg)
@@ -257,7 +258,7 @@ def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
 
 
 def cmd_evaluate(args) -> int:
-    from . import reports
+    from ..eval import reports
 
     _setup(args)
     cfg = _load(args)
@@ -272,7 +273,7 @@ def cmd_evaluate(args) -> int:
 
 
 def _policy_info(policy) -> Dict[str, Any]:
-    from .calibrate import policy_state
+    from ..eval.calibrate import policy_state
 
     try:
         return policy_state(policy)
@@ -284,11 +285,12 @@ def _policy_info(policy) -> Dict[str, Any]:
 
 
 def cmd_calibrate(args) -> int:
-    from . import build, reports
-    from .calibrate import calibrate, level_grid, save_policy
+    from ..core.defense import Defense
+    from ..core.policies import SSNI, Constant
+    from ..eval import reports
+    from ..eval.calibrate import calibrate, level_grid, save_policy
+    from . import build
     from .config import ConfigError
-    from .defense import Defense
-    from .policies import SSNI, Constant
 
     _setup(args)
     cfg = _load(args)
@@ -397,10 +399,11 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_analyze_t(args) -> int:
-    from . import build, reports
-    from .analysis import analyze_t
-    from .defense import Defense
-    from .policies import SSNI, Constant
+    from ..core.defense import Defense
+    from ..core.policies import SSNI, Constant
+    from ..eval import reports
+    from ..eval.analysis import analyze_t
+    from . import build
 
     _setup(args)
     cfg = _load(args)
@@ -502,7 +505,7 @@ def _pct(v: float) -> str:
 
 
 def cmd_report(args) -> int:
-    from . import reports
+    from ..eval import reports
 
     _setup(args)
     dirs = [Path(d) for d in args.dirs]

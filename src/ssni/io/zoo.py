@@ -1,12 +1,12 @@
 """Registries of the paper's public models and datasets, kept as data. Local files only.
 
-* :data:`SCORE_MODELS`: ``load_score_model(name, path)`` -> :class:`~ssni.score.ScoreModel`.
+* :data:`SCORE_MODELS`: ``load_score_model(name, path)`` -> :class:`~ssni.core.score.ScoreModel`.
 * :data:`CLASSIFIERS`: ``load_classifier(name, path)`` -> ``nn.Module`` taking images in [0, 1].
 * :data:`DATASETS`: ``load_data(name, root, **kw)`` -> ``(x, y)``.
 
 Every entry says where its file comes from; nothing is downloaded. Checkpoints are read without
-running code (see :mod:`ssni.checkpoints`); a missing, corrupt or mismatched file raises
-:class:`~ssni.checkpoints.CheckpointError`. Returned models are in eval mode with
+running code (see :mod:`ssni.io.checkpoints`); a missing, corrupt or mismatched file raises
+:class:`~ssni.io.checkpoints.CheckpointError`. Returned models are in eval mode with
 ``requires_grad=False`` parameters (gradients still flow to the inputs).
 """
 
@@ -16,10 +16,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
+from ..core.diffusion import VPSchedule
+from ..core.score import EpsilonNetwork, ScoreModel
+from ..nets import _torchvision_models, build_network
+from ..nets.wrn import CIFAR10_MEAN, CIFAR10_STD
 from .adapters import IMAGENET_MEAN, IMAGENET_STD, Normalized, Resized, load_diffusers_unet
 from .checkpoints import (
     copy_parameters_in_order,
@@ -28,11 +32,6 @@ from .checkpoints import (
     select_entry,
     strip_prefixes,
 )
-from .diffusion import VPSchedule
-from .nets.guided_unet import GuidedUNet
-from .nets.ncsnpp import NCSNpp
-from .nets.wrn import CIFAR10_MEAN, CIFAR10_STD, WideResNet
-from .score import EpsilonNetwork, ScoreModel
 
 __all__ = [
     "ScoreModelEntry",
@@ -50,12 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-#: Architecture name -> constructor (keyword arguments only).
-ARCHITECTURES: Mapping[str, Callable[..., nn.Module]] = MappingProxyType(
-    {"ncsnpp": NCSNpp, "guided_unet": GuidedUNet, "wide_resnet": WideResNet}
-)
-
 
 @dataclass(frozen=True)
 class ScoreModelEntry:
@@ -238,26 +231,6 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_network(architecture: str, config: Mapping[str, Any]) -> nn.Module:
-    """Construct ``architecture`` (a key of ``ARCHITECTURES`` or ``torchvision:<name>``) with
-    keyword arguments ``config``; random weights."""
-    if architecture.startswith("torchvision:"):
-        tvm = _torchvision_models(architecture)
-        return getattr(tvm, architecture.split(":", 1)[1])(weights=None, **dict(config))
-    return _lookup(ARCHITECTURES, architecture, "architecture")(**dict(config))
-
-
-def _torchvision_models(architecture: str) -> Any:
-    try:
-        import torchvision.models as tvm
-    except ImportError as err:
-        raise ImportError(
-            f"{architecture} needs torchvision, which is optional: pip install "
-            "'ssni[vision]' (or install a torchvision build matching your torch)"
-        ) from err
-    return tvm
-
-
 def _load_score_sde(net: nn.Module, ckpt: Any, source: str, entry: ScoreModelEntry,
                     use_ema: bool) -> None:
     """score_sde's ``checkpoint_*.pth``: ``{'model': DataParallel state_dict, 'ema':
@@ -293,7 +266,7 @@ def load_score_model(
         use_ema: score_sde files: use the EMA weights (as DiffPure and score_sde do).
 
     Returns:
-        A :class:`~ssni.score.ScoreModel` on the CPU in eval mode: ``eps(x, t)`` with ``x`` in
+        A :class:`~ssni.core.score.ScoreModel` on the CPU in eval mode: ``eps(x, t)`` with ``x`` in
         [-1, 1] ``(B, C, H, W)`` and ``t`` ``(B,)`` in [0, 1].
     """
     entry: ScoreModelEntry = (

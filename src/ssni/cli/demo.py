@@ -19,10 +19,10 @@ DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 
 def cmd_purify_grid(args) -> int:
     """Test images, their noised versions at each level, and the purified results, as one PNG."""
+    from ..core.purifiers import DiffPure, to_image_space, to_model_space
+    from ..eval.reports import _pyplot, _save
     from . import build
     from .config import RunConfig
-    from .purifiers import DiffPure, to_image_space, to_model_space
-    from .reports import _pyplot, _save
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,9 +71,9 @@ DEMO_PRESETS = (
 def cmd_demo(args) -> int:
     """Constant-t DiffPure vs SSNI-N vs SSNI-L on Fashion-MNIST with the shipped models,
     attacked with PGD+EOT (Linf) through a fewer-step surrogate of each defense."""
-    from . import reports
-    from .cli_evaluate import run_config
+    from ..eval import reports
     from .config import load_config
+    from .evaluate import run_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

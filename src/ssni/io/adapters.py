@@ -1,8 +1,8 @@
-"""Adapters beyond :class:`ssni.score.EpsilonNetwork`: diffusers UNets as score models, and
+"""Adapters beyond :class:`ssni.core.score.EpsilonNetwork`: diffusers UNets as score models, and
 classifier input wrappers (mean/std normalisation, resizing).
 
 ``EpsilonNetwork`` already covers the score_sde and guided-diffusion checkpoints (time-label
-scaling and the learned-sigma channel split); the registry in :mod:`ssni.zoo` sets them up.
+scaling and the learned-sigma channel split); the registry in :mod:`ssni.io.zoo` sets them up.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .diffusion import VPSchedule, expand_like
-from .purifiers import Purification, Purifier
-from .score import ScoreModel
+from ..core.diffusion import VPSchedule, expand_like
+from ..core.purifiers import Purification, Purifier
+from ..core.score import ScoreModel
 
 __all__ = [
     "DiffusersUNet",

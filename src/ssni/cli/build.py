@@ -1,4 +1,4 @@
-"""From a :class:`~ssni.config.RunConfig` to data, models, purifier, policy, defense and attack.
+"""From a :class:`~ssni.cli.config.RunConfig` to data, models, purifier, policy, defense and attack.
 
 The only place (with the CLI) that reads configuration and moves models to ``config.device``.
 
@@ -7,7 +7,7 @@ Models: for Fashion-MNIST the shipped weights ``weights/fmnist_unet.safetensors`
 ``./weights`` first, then in the ``weights`` folder of the repository holding the package; an
 explicit ``score_model_path`` / ``classifier_path`` always wins. The name ``file`` loads any
 weights file written by ``ssni train-*``. CIFAR-10 and ImageNet models are entries of
-:mod:`ssni.zoo` and need their local checkpoint files.
+:mod:`ssni.io.zoo` and need their local checkpoint files.
 
 Data: ``split`` picks the evaluation images, ``stats_split`` the clean images of the score-norm
 statistics; calibration uses the validation split only (:func:`heldout_images`).
@@ -24,11 +24,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..core.defense import Defense
+from ..core.policies import SSNI, Constant, NoiseLevelPolicy
+from ..core.purifiers import DiffPure, Purifier
+from ..core.score import ScoreModel
 from .config import ConfigError, RunConfig
-from .defense import Defense
-from .policies import SSNI, Constant, NoiseLevelPolicy
-from .purifiers import DiffPure, Purifier
-from .score import ScoreModel
 
 __all__ = [
     "LOCAL_MODELS",
@@ -102,7 +102,7 @@ def _imagenet(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Te
     (the first half of a seeded permutation), held-out images come from its second half."""
     import numpy as np
 
-    from .data.imagenet import list_image_folder, load_image, load_imagenet_val
+    from ..data.imagenet import list_image_folder, load_image, load_imagenet_val
 
     if not cfg.data_dir:
         raise ConfigError("data_dir", "ImageNet needs the validation folder (one dir per class)")
@@ -122,14 +122,14 @@ def _imagenet(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Te
 def load_images(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Tensor]:
     """A fixed seeded subset of ``n`` images of ``split`` (``train``/``val``/``test``)."""
     if cfg.dataset in ("fashion-mnist", "digits"):
-        from . import data
+        from .. import data
 
         x, y = data.load_dataset(cfg.dataset, split, _data_dir(cfg))
         if n > x.shape[0]:
             raise ConfigError("n", f"{cfg.dataset} {split} has only {x.shape[0]} images, asked {n}")
         return data.subset(x, y, n, seed)
     if cfg.dataset == "cifar10":
-        from .data.cifar10 import load_cifar10
+        from ..data.cifar10 import load_cifar10
 
         if not cfg.data_dir:
             raise ConfigError("data_dir", "CIFAR-10 needs the folder with cifar-10-batches-py")
@@ -154,7 +154,7 @@ def heldout_images(cfg: RunConfig, n: int, split: Optional[str] = None) -> Tuple
 
 
 def _load_local(name: str, path: str, kind: str, key: str):
-    from . import train
+    from ..io import weights
 
     if not path:
         if name not in LOCAL_MODELS:
@@ -166,9 +166,9 @@ def _load_local(name: str, path: str, kind: str, key: str):
     if not Path(path).is_file():
         raise ConfigError(key, f"no such file {path!r}")
     return (
-        train.load_score_model_file(path)
+        weights.load_score_model_file(path)
         if kind == "score_model"
-        else train.load_classifier_file(path)
+        else weights.load_classifier_file(path)
     )
 
 
@@ -192,7 +192,7 @@ def build_score_model(cfg: RunConfig) -> ScoreModel:
     if name in LOCAL_MODELS or name == "file":
         model = _load_local(name, cfg.score_model_path, "score_model", "score_model_path")
     else:
-        from . import zoo
+        from ..io import zoo
 
         if name not in zoo.SCORE_MODELS:
             known = ", ".join(sorted([*zoo.SCORE_MODELS, *LOCAL_MODELS, "file"]))
@@ -216,7 +216,7 @@ def build_classifier(cfg: RunConfig) -> nn.Module:
     if name in LOCAL_MODELS or name == "file":
         model = _load_local(name, cfg.classifier_path, "classifier", "classifier_path")
     else:
-        from . import zoo
+        from ..io import zoo
 
         if name not in zoo.CLASSIFIERS:
             known = ", ".join(sorted([*zoo.CLASSIFIERS, *LOCAL_MODELS, "file"]))
@@ -239,7 +239,7 @@ def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False
     if cfg.purifier == "diffpure":
         return DiffPure(model, rule=cfg.rule, steps=steps)
     if cfg.purifier == "gdmp":
-        from .gdmp import GDMP
+        from ..core.gdmp import GDMP
 
         return GDMP(
             model,
@@ -249,7 +249,7 @@ def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False
             rule=cfg.rule,
             steps=steps,
         )
-    from .gns import GNS, GNS_CIFAR10_STAGES
+    from ..core.gns import GNS, GNS_CIFAR10_STAGES
 
     if surrogate:
         if tuple(cfg.gns_stages) == GNS_CIFAR10_STAGES and cfg.t_star == max(GNS_CIFAR10_STAGES):
@@ -278,7 +278,7 @@ def build_policy(
     policy fitted on ``stats_images`` (default: ``stats_n`` images of ``stats_split``);
     ``progress`` is called with the number of images done after each batch of the fit."""
     if cfg.policy_file:
-        from .calibrate import load_policy
+        from ..eval.calibrate import load_policy
 
         try:
             policy = load_policy(cfg.policy_file, model)
@@ -315,7 +315,7 @@ def policy_overrides(cfg: RunConfig) -> Dict[str, Any]:
     """Configuration values implied by ``policy_file`` (so the resolved config is truthful)."""
     if not cfg.policy_file:
         return {}
-    from .calibrate import read_policy_file
+    from ..eval.calibrate import read_policy_file
 
     try:
         doc = read_policy_file(cfg.policy_file)
@@ -357,7 +357,7 @@ def build_attack(
 ) -> AttackSetup:
     """The configured attack against ``defense``; ``iterations``/``eot`` override the
     configuration (cheap attacks)."""
-    from . import attacks
+    from .. import attacks
 
     steps = cfg.iterations if iterations is None else iterations
     n_eot = cfg.eot if eot is None else eot

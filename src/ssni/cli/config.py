@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .cli import UsageError
+from ..errors import UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -114,7 +114,7 @@ def guided_step_rule(
 
     The state is ``cat([x_t, x_in, z], dim=1)``: the sample (``channels`` channels), the input
     in model space, and (only if ``fixed_noise``) the guidance noise. Carrying the input with
-    the sample lets :func:`ssni.sampling.reverse` index its active subset as usual. ``eps`` is
+    the sample lets :func:`ssni.core.sampling.reverse` index its active subset as usual. ``eps`` is
     the network's prediction for the sample channels (other channels ignored).
     """
 
