@@ -124,6 +124,7 @@ class RunConfig:
     seeds: List[int] = field(default_factory=lambda: [121, 122, 123])
     batch_size: int = 64
     device: str = "cpu"
+    resume: str = "auto"  # repair: drop a damaged log line and what follows it, then resume
     # -- calibration (ssni calibrate)
     calib_n: int = 256
     calib_taus: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
@@ -160,6 +161,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "norm": ("linf", "l2"),
     "gradient": ("full", "surrogate", "bpda"),
     "calib_objective": ("constrained", "weighted"),
+    "resume": ("auto", "repair"),
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -9,6 +9,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from .outdir import locks_out
+
 log = logging.getLogger("ssni.demo")
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
@@ -68,6 +70,7 @@ DEMO_PRESETS = (
 )
 
 
+@locks_out
 def cmd_demo(args) -> int:
     """Constant-t DiffPure vs SSNI-N vs SSNI-L on Fashion-MNIST with the shipped models,
     attacked with PGD+EOT (Linf) through a fewer-step surrogate of each defense."""

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, NamedTuple
 import torch
 
 from ..errors import UsageError
+from .outdir import locks_out
 
 log = logging.getLogger("ssni.cli")
 
@@ -90,12 +91,12 @@ def _load(args):
 
 
 def _write_config(out: Path, cfg) -> None:
+    from ..io.files import write_text_atomic
     from .config import to_toml
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(
+    write_text_atomic(
+        out / "config.toml",
         "# resolved configuration of this run (loadable with --preset)\n" + to_toml(cfg),
-        encoding="utf-8",
     )
 
 
@@ -210,14 +211,22 @@ class RunResult(NamedTuple):
 def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
     """Evaluate one configuration into ``out`` (config.toml, log.jsonl, report files, figures).
 
-    A rerun with the same configuration resumes from ``out/log.jsonl``.
+    ``out`` is locked for the whole run (:class:`~ssni.io.lock.LockError` if another run holds
+    it); nothing is written into it before the data, weights, policy file and an existing log
+    are checked; a rerun with the same configuration resumes from ``out/log.jsonl``.
     """
+    from ..io.lock import folder_lock
+
+    out = Path(out)
+    with folder_lock(out):
+        return _run_locked(cfg, out, progress)
+
+
+def _run_locked(cfg, out: Path, progress: bool) -> RunResult:
     from ..eval import reports
     from ..eval.protocol import evaluate
     from . import build
 
-    out = Path(out)
-    _write_config(out, cfg)
     start = time.perf_counter()
     fitting = cfg.policy != "constant" and not cfg.policy_file
     bar = _Bar(cfg.stats_n if fitting else 0, "clean score norms", not progress)
@@ -240,6 +249,8 @@ def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
         log_path=out / "log.jsonl",
         progress=progress,
         sanity_samples=min(64, cfg.n),
+        repair_log=cfg.resume == "repair",
+        on_start=lambda: _write_config(out, cfg),
     )
     seconds = time.perf_counter() - start
     extra = {
@@ -284,11 +295,13 @@ def _policy_info(policy) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- calibrate
 
 
+@locks_out
 def cmd_calibrate(args) -> int:
     from ..core.defense import Defense
     from ..core.policies import SSNI, Constant
     from ..eval import reports
     from ..eval.calibrate import calibrate, level_grid, save_policy
+    from ..io.files import write_text_atomic
     from . import build
     from .config import ConfigError
 
@@ -299,7 +312,6 @@ def cmd_calibrate(args) -> int:
     if cfg.policy_file:
         raise ConfigError("policy_file", "calibrate writes a policy file; unset policy_file")
     out = Path(args.out)
-    _write_config(out, cfg)
     start = time.perf_counter()
     model = build.build_score_model(cfg)
     classifier = build.build_classifier(cfg)
@@ -313,6 +325,7 @@ def cmd_calibrate(args) -> int:
         x_cal, y_cal = build.load_images(cfg, "val", cfg.calib_n, cfg.subset_seed)
     dev = cfg.device
     x_stats, x_cal, y_cal = x_stats.to(dev), x_cal.to(dev), y_cal.to(dev)
+    _write_config(out, cfg)  # inputs checked: the first write
     gen = build.seeded_generator(cfg.seeds[0], dev)
     base = Defense(classifier, purifier, Constant(cfg.t_star))
     setup = build.build_attack(cfg, base, iterations=cfg.calib_iterations, eot=cfg.calib_eot)
@@ -389,7 +402,7 @@ def cmd_calibrate(args) -> int:
         f"(clean {100 * chosen['clean_acc']:.1f} %, robust {100 * chosen['robust_acc']:.1f} %, "
         f"objective {result.objective}, robust floor {100 * result.min_robust:.1f} %)\n"
     )
-    (out / "calibration.md").write_text(text, encoding="utf-8")
+    write_text_atomic(out / "calibration.md", text)
     _emit(text)
     _emit(f"wrote {policy_path} ({seconds:.1f} s); use it with --set policy_file={policy_path}")
     return 0
@@ -398,17 +411,18 @@ def cmd_calibrate(args) -> int:
 # ----------------------------------------------------------------------------- analyze-t
 
 
+@locks_out
 def cmd_analyze_t(args) -> int:
     from ..core.defense import Defense
     from ..core.policies import SSNI, Constant
     from ..eval import reports
     from ..eval.analysis import analyze_t
+    from ..io.files import write_text_atomic
     from . import build
 
     _setup(args)
     cfg = _load(args)
     out = Path(args.out)
-    _write_config(out, cfg)
     start = time.perf_counter()
     model = build.build_score_model(cfg)
     classifier = build.build_classifier(cfg)
@@ -428,6 +442,7 @@ def cmd_analyze_t(args) -> int:
         policy = None
     x, y = build.eval_images(cfg)
     x, y = x.to(cfg.device), y.to(cfg.device)
+    _write_config(out, cfg)  # inputs checked: the first write
     base = Defense(classifier, purifier, Constant(cfg.t_star))
     setup = build.build_attack(cfg, base)
     t_count = len(cfg.t_grid)
@@ -491,7 +506,7 @@ def cmd_analyze_t(args) -> int:
     for label, acc in curves.items():
         lines.append(f"| {label} acc (%) | " + " | ".join(f"{100 * a:.1f}" for a in acc) + " |")
     text = "\n".join(lines) + "\n"
-    (out / "analysis.md").write_text(text, encoding="utf-8")
+    write_text_atomic(out / "analysis.md", text)
     _emit(text)
     _emit(f"wrote analysis.json, analysis.md, {', '.join(figures)} to {out} ({seconds:.1f} s)")
     return 0
@@ -504,6 +519,7 @@ def _pct(v: float) -> str:
 # ----------------------------------------------------------------------------- report
 
 
+@locks_out
 def cmd_report(args) -> int:
     from ..eval import reports
 

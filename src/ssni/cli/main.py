@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from ..errors import UsageError
+from ..io.lock import LockError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -53,6 +54,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as err:
         print(f"ssni {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except LockError as err:  # another run holds the results folder
+        print(f"ssni {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

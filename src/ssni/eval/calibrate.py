@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..core.policies import SSNI, Constant, NoiseLevelPolicy
 from ..core.purifiers import Purifier
 from ..core.score import ScoreModel
+from ..io.files import replacing, write_text_atomic
 from .analysis import correctness_grid
 
 __all__ = [
@@ -92,21 +93,18 @@ def save_policy(
     doc = {"format": POLICY_FORMAT, "version": POLICY_VERSION, **policy_state(policy)}
     if info:
         doc["info"] = dict(info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    if path.suffix != ".safetensors":
+        return write_text_atomic(path, json.dumps(doc, indent=2, default=float) + "\n")
+    from safetensors.torch import save_file
 
-        stats = doc.get("statistics", {})
-        tensors = {
-            f"norm_{k}": torch.tensor([float(stats[k])], dtype=torch.float64)
-            for k in ("mean", "std", "min", "max")
-            if k in stats
-        } or {"t_star": torch.tensor([float(doc["t_star"])], dtype=torch.float64)}
+    stats = doc.get("statistics", {})
+    tensors = {
+        f"norm_{k}": torch.tensor([float(stats[k])], dtype=torch.float64)
+        for k in ("mean", "std", "min", "max")
+        if k in stats
+    } or {"t_star": torch.tensor([float(doc["t_star"])], dtype=torch.float64)}
+    with replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata={POLICY_FORMAT: json.dumps(doc, default=float)})
-    else:
-        tmp.write_text(json.dumps(doc, indent=2, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
     return path
 
 

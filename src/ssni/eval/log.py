@@ -2,7 +2,11 @@
 
 Line 1 is ``{"kind": "config", "format": LOG_FORMAT, "config": ...}``; each finished sample adds a
 ``{"kind": "sample", ...}`` line (flushed), the undefended check a ``{"kind": "undefended"}`` line.
-A log written by another configuration is refused; a last line cut short by a kill is dropped.
+A log written by another configuration is refused (unless it holds no sample yet: then it is
+replaced); a last line cut short by a kill is dropped. A damaged line before the end is refused
+with a way out: ``repair=True`` keeps the log up to the last good line before it and drops the
+rest (those samples are simply done again). While open, the log is locked
+(:class:`ssni.io.lock.FileLock` on ``.<name>.lock`` beside it): a second writer fails at once.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LOG_FORMAT", "RunLog", "fingerprint_module", "fingerprint_data", "jsonable"]
+from ..io.lock import FileLock
+
+__all__ = [
+    "LOG_FORMAT", "RunLog", "LogDamaged", "fingerprint_module", "fingerprint_data", "jsonable",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,48 +61,108 @@ def jsonable(obj):
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
-class RunLog:
-    """Append-only JSONL log: a config line, then sample (and undefended-check) lines."""
+class LogDamaged(ValueError):
+    """A line before the end of a log is not a valid record (``line``: its 1-based number)."""
 
-    def __init__(self, path: Optional[Union[str, os.PathLike]], config: dict) -> None:
+    def __init__(self, path: str, line: int, dropped: int) -> None:
+        self.path, self.line, self.dropped = path, line, dropped
+        super().__init__(
+            f"{path}: line {line} is damaged (not a valid record); repair keeps lines "
+            f"1-{line - 1} and does {dropped} logged sample(s) after it again "
+            "(evaluate(..., repair_log=True); CLI: --set resume=repair)"
+        )
+
+
+def _parse(line: bytes) -> Optional[dict]:
+    """One log line as a dict, or None when it is not a well-formed record."""
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    kind = rec.get("kind")
+    if kind == "sample":
+        ok = isinstance(rec.get("record"), dict) and all(
+            isinstance(rec.get(k), int) for k in ("seed", "index")
+        )
+        return rec if ok else None
+    if kind == "undefended":
+        return rec if "result" in rec else None
+    return rec if isinstance(kind, str) and kind != "config" else None  # later kinds: ignored
+
+
+class RunLog:
+    """Append-only JSONL log: a config line, then sample (and undefended-check) lines.
+
+    Args:
+        path: the log file (None: keep records in memory only).
+        config: the evaluation's configuration; an existing log must have been written by it.
+        repair: drop a damaged line and everything after it instead of refusing the log.
+    """
+
+    def __init__(
+        self, path: Optional[Union[str, os.PathLike]], config: dict, *, repair: bool = False
+    ) -> None:
         self.path = None if path is None else os.fspath(path)
         self.config = config
+        self.repair = bool(repair)
         self.samples: Dict[Tuple[int, int], dict] = {}
         self.undefended: Optional[dict] = None
         self._file = None
+        self._lock: Optional[FileLock] = None
         if self.path is None:
             return
-        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
-            self._load()
-        else:
-            parent = os.path.dirname(self.path)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-            self._file = open(self.path, "w")
-            self._write({"kind": "config", "format": LOG_FORMAT, "config": config})
-        if self._file is None:
-            self._file = open(self.path, "a")
+        parent, name = os.path.split(self.path)
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(f"{self.path} is a folder, not a log file")
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._lock = FileLock(os.path.join(parent, f".{name}.lock"), name=self.path).acquire()
+        try:
+            if not (os.path.exists(self.path) and self._load()):
+                self._file = open(self.path, "w")
+                self._write({"kind": "config", "format": LOG_FORMAT, "config": config})
+            if self._file is None:
+                self._file = open(self.path, "a")
+        except BaseException:
+            self.close()
+            raise
 
-    def _load(self) -> None:
+    def _load(self) -> bool:
+        """Read an existing log; False when it should be (re)started from scratch."""
         with open(self.path, "rb") as f:
             raw = f.read()
         end = raw.rfind(b"\n") + 1
         if end < len(raw):  # a line cut short by a kill: drop it
             logger.info("dropping an incomplete last line of %s", self.path)
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-        lines = raw[:end].splitlines()
+        lines = raw[:end].split(b"\n")[:-1]
         if not lines:
-            self._file = open(self.path, "w")
-            self._write({"kind": "config", "format": LOG_FORMAT, "config": self.config})
-            return
+            return False
         try:
             head = json.loads(lines[0])
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path} is not an evaluation log") from err
-        if head.get("kind") != "config" or head.get("format") != LOG_FORMAT:
-            raise ValueError(f"{self.path} is not an evaluation log of format {LOG_FORMAT}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{self.path} is not an evaluation log (line 1 is not JSON)") from None
+        if not isinstance(head, dict) or head.get("kind") != "config" or "config" not in head:
+            raise ValueError(f"{self.path} is not an evaluation log (no configuration line)")
+        if head.get("format") != LOG_FORMAT:
+            raise ValueError(
+                f"{self.path} is an evaluation log of format {head.get('format')!r}, "
+                f"this version reads format {LOG_FORMAT}"
+            )
+        records = []
+        bad = None
+        for i, line in enumerate(lines[1:], start=2):
+            rec = _parse(line)
+            if rec is None:
+                bad = i
+                break
+            records.append(rec)
         if head["config"] != self.config:
+            if not any(r["kind"] == "sample" for r in records) and bad is None:
+                logger.info("%s holds no sample of another configuration: starting it anew",
+                            self.path)
+                return False
             keys = sorted(
                 k
                 for k in set(head["config"]) | set(self.config)
@@ -104,15 +172,24 @@ class RunLog:
                 f"{self.path} was written by another configuration (differs in {keys}); "
                 "use a new log path or delete the old log"
             )
-        for i, line in enumerate(lines[1:], start=2):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}: line {i} is not valid JSON") from err
-            if rec.get("kind") == "sample":
+        if bad is not None:
+            dropped = sum(1 for line in lines[bad:] if (_parse(line) or {}).get("kind") == "sample")
+            if not self.repair:
+                raise LogDamaged(self.path, bad, dropped)
+            logger.warning(
+                "%s: dropping damaged line %d and the %d line(s) after it (%d sample(s) to redo)",
+                self.path, bad, len(lines) - bad, dropped,
+            )
+            end = sum(len(line) + 1 for line in lines[: bad - 1])
+        if end < len(raw):
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        for rec in records:
+            if rec["kind"] == "sample":
                 self.samples.setdefault((rec["seed"], rec["index"]), rec["record"])
-            elif rec.get("kind") == "undefended":
+            elif rec["kind"] == "undefended":
                 self.undefended = rec["result"]
+        return True
 
     def _write(self, obj: dict) -> None:
         if self._file is None:
@@ -136,3 +213,6 @@ class RunLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -174,6 +174,8 @@ def evaluate(
     sanity_checks: bool = True,
     sanity_samples: int = 64,
     undefended_threshold: float = 0.1,
+    repair_log: bool = False,
+    on_start: Optional[Callable[[], None]] = None,
 ) -> Report:
     """Attack ``defense`` on ``data`` and report clean and robust accuracy.
 
@@ -196,6 +198,10 @@ def evaluate(
         sanity_checks: run the AutoAttack-style checks (warnings in the report).
         sanity_samples: samples used to attack the undefended classifier.
         undefended_threshold: warn if the undefended classifier keeps more robust accuracy.
+        repair_log: when a line before the end of the log is damaged, keep the log up to the
+            last good line and redo the rest (default: refuse with a message saying so).
+        on_start: called once the inputs and the log are checked, before the first attack
+            (callers write their own files there, so a refused evaluation writes nothing).
 
     Returns:
         :class:`Report`.
@@ -235,8 +241,10 @@ def evaluate(
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
-    log = RunLog(log_path, config)
+    log = RunLog(log_path, config, repair=repair_log)
     try:
+        if on_start is not None:
+            on_start()
         classes = _num_classes(defense, x, keyed_generator(x.device, 0, 0))
         chunks = [(s, start) for s in seeds for start in range(0, n, batch_size)]
         bar = None

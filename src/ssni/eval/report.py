@@ -49,8 +49,9 @@ class Report:
     def to_json(self, path: Optional[Union[str, os.PathLike]] = None, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent, sort_keys=True)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            from ..io.files import write_text_atomic
+
+            write_text_atomic(path, text + "\n")
         return text
 
     def values(self, key: str, seed: Optional[int] = None) -> List[Any]:

@@ -15,6 +15,7 @@ directories. Plots use matplotlib (imported lazily, Agg backend); nothing here p
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from ..io.files import replacing, write_text_atomic
 
 __all__ = [
     "REPORT_JSON",
@@ -54,7 +57,7 @@ TABLE_KEYS = (
     "gradient", "eot", "iterations", "n",
 )
 # Keys that do not make two runs different configurations.
-_NOT_IDENTITY = ("seeds", "device", "batch_size", "description")
+_NOT_IDENTITY = ("seeds", "device", "batch_size", "description", "resume")
 # Preferred order and labels of metric columns.
 METRIC_LABELS = {
     "clean_acc": "Clean acc (%)",
@@ -236,14 +239,8 @@ def _csv_rows(summary: Sequence[Mapping[str, Any]]) -> Tuple[List[str], List[Dic
 
 def write_json(path: PathLike, data: Any) -> Path:
     """Write JSON atomically (NaN/inf become null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_clean_json(data), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(_clean_json(data), indent=2, sort_keys=False) + "\n"
+    return write_text_atomic(path, text)
 
 
 def _clean_json(data: Any) -> Any:
@@ -265,7 +262,8 @@ def write_report(
     title: str = "Results",
     extra: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Path]:
-    """Write ``report.json``, ``report.csv`` and ``report.md`` for ``rows`` into ``out_dir``.
+    """Write ``report.json``, ``report.csv`` and ``report.md`` for ``rows`` into ``out_dir``,
+    each atomically (a reader sees the old or the new file, never half of one).
 
     Args:
         rows: per-seed results (see the module docstring).
@@ -283,13 +281,12 @@ def write_report(
         doc["extra"] = dict(extra)
     paths = {"json": write_json(out / REPORT_JSON, doc)}
     columns, csv_rows = _csv_rows(summary)
-    with open(out / REPORT_CSV, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(csv_rows)
-    paths["csv"] = out / REPORT_CSV
-    (out / REPORT_MD).write_text(f"# {title}\n\n" + markdown_table(summary), encoding="utf-8")
-    paths["md"] = out / REPORT_MD
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    paths["csv"] = write_text_atomic(out / REPORT_CSV, buf.getvalue())
+    paths["md"] = write_text_atomic(out / REPORT_MD, f"# {title}\n\n" + markdown_table(summary))
     return paths
 
 
@@ -339,11 +336,13 @@ def _pyplot():
 
 def _save(fig, path: PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix[1:] or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
