@@ -18,6 +18,7 @@ from .core.defense import Defense, DefenseOutput
 from .core.diffusion import VPSchedule
 from .core.gdmp import GDMP
 from .core.gns import GNS
+from .core.learned import LearnedPolicy
 from .core.policies import SSNI, Constant, NoiseLevelPolicy, eps_score_norm
 from .core.purifiers import DiffPure, Purification, Purifier, StraightThrough
 from .core.sampling import ddim_step, euler_maruyama_step, reverse
@@ -47,6 +48,7 @@ __all__ = [
     "NoiseLevelPolicy",
     "Constant",
     "SSNI",
+    "LearnedPolicy",
     "eps_score_norm",
     "Defense",
     "DefenseOutput",

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.defense import Defense
+from ..core.learned import LearnedPolicy
 from ..core.policies import SSNI, Constant, NoiseLevelPolicy
 from ..core.purifiers import DiffPure, Purifier
 from ..core.score import ScoreModel
@@ -42,6 +43,7 @@ __all__ = [
     "build_classifier",
     "build_purifier",
     "build_policy",
+    "resolve_policy_file",
     "build_defense",
     "build_attack",
     "AttackSetup",
@@ -266,6 +268,16 @@ def seeded_generator(seed: int, device: str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def resolve_policy_file(path: str) -> Path:
+    """``path`` as given if it exists, else relative to the repository holding the package (so
+    presets can name shipped policy files such as ``weights/<name>.safetensors``)."""
+    p = Path(path)
+    root = repo_root()
+    if not p.exists() and not p.is_absolute() and root is not None and (root / p).is_file():
+        return root / p
+    return p
+
+
 def build_policy(
     cfg: RunConfig,
     model: ScoreModel,
@@ -281,12 +293,16 @@ def build_policy(
         from ..eval.calibrate import load_policy
 
         try:
-            policy = load_policy(cfg.policy_file, model)
+            policy = load_policy(resolve_policy_file(cfg.policy_file), model)
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError("policy_file", str(err).splitlines()[0]) from None
         return policy.to(cfg.device)
     if cfg.policy == "constant":
         return Constant(cfg.t_star)
+    if cfg.policy == "ssni-learned":
+        raise ConfigError(
+            "policy_file", "policy ssni-learned needs a trained policy file (ssni train-policy)"
+        )
     policy = SSNI(
         model,
         t_star=cfg.t_star,
@@ -318,11 +334,13 @@ def policy_overrides(cfg: RunConfig) -> Dict[str, Any]:
     from ..eval.calibrate import read_policy_file
 
     try:
-        doc = read_policy_file(cfg.policy_file)
+        doc = read_policy_file(resolve_policy_file(cfg.policy_file))
     except (OSError, ValueError) as err:
         raise ConfigError("policy_file", str(err).splitlines()[0]) from None
     out: Dict[str, Any] = {"policy": doc["policy"], "t_star": float(doc["t_star"])}
-    if doc["policy"] != "constant":
+    if doc["policy"] == "ssni-learned":
+        out.update(bias=float(doc.get("bias", 0.0)), levels=int(doc["levels"]))
+    elif doc["policy"] != "constant":
         out.update(
             tau=float(doc.get("tau") or 0.0),
             bias=float(doc.get("bias", 0.0)),
@@ -363,7 +381,7 @@ def build_attack(
     n_eot = cfg.eot if eot is None else eot
     threat = attacks.ThreatModel("Linf" if cfg.norm == "linf" else "L2", cfg.eps)
     target: nn.Module = defense
-    adaptive = cfg.adaptive_t and isinstance(defense.policy, SSNI)
+    adaptive = cfg.adaptive_t and isinstance(defense.policy, (SSNI, LearnedPolicy))
     if cfg.gradient == "full":
         target = attacks.full(defense)
         estimator = attacks.EOT(n_eot)

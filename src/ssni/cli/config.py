@@ -134,6 +134,14 @@ class RunConfig:
     calib_weight: float = 0.5
     calib_iterations: int = 10
     calib_eot: int = 1
+    # -- learned policy (ssni train-policy; also uses calib_iterations/eot/objective/...)
+    learn_n: int = 256  # validation images (clean + adversarial versions)
+    learn_resolution: float = 0.02  # spacing of the level grid of the correctness table
+    learn_votes: int = 1  # purification draws per table entry (majority)
+    learn_weights: List[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
+    learn_select_fraction: float = 0.5  # share of the images that choose the weight
+    learn_hidden: int = 16
+    learn_steps: int = 1000
     # -- per-sample optimal-t analysis (ssni analyze-t)
     t_grid: List[float] = field(
         default_factory=lambda: [0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3]
@@ -155,7 +163,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "purifier": ("diffpure", "gdmp", "gns"),
     "rule": ("ddpm", "ddim", "sde"),
     "gdmp_distance": ("mse", "ssim"),
-    "policy": ("constant", "ssni-n", "ssni-l"),
+    "policy": ("constant", "ssni-n", "ssni-l", "ssni-learned"),
     "stats_split": ("train", "val"),
     "attack": ("pgd", "apgd"),
     "norm": ("linf", "l2"),
@@ -389,6 +397,23 @@ def validate(cfg: RunConfig) -> RunConfig:
         cfg.calib_iterations >= 1, "calib_iterations", f"must be >= 1, got {cfg.calib_iterations}"
     )
     _require(cfg.calib_eot >= 1, "calib_eot", f"must be >= 1, got {cfg.calib_eot}")
+    _require(cfg.learn_n >= 4, "learn_n", f"must be >= 4, got {cfg.learn_n}")
+    _require(
+        0.0 < cfg.learn_resolution <= 1.0,
+        "learn_resolution",
+        f"must be in (0, 1], got {cfg.learn_resolution}",
+    )
+    _require(cfg.learn_votes >= 1, "learn_votes", f"must be >= 1, got {cfg.learn_votes}")
+    _require(len(cfg.learn_weights) >= 1, "learn_weights", "needs at least one value")
+    for v in cfg.learn_weights:
+        _require(v > 0, "learn_weights", f"every value must be > 0, got {v}")
+    _require(
+        0.0 < cfg.learn_select_fraction < 1.0,
+        "learn_select_fraction",
+        f"must be in (0, 1), got {cfg.learn_select_fraction}",
+    )
+    _require(cfg.learn_hidden >= 0, "learn_hidden", f"must be >= 0, got {cfg.learn_hidden}")
+    _require(cfg.learn_steps >= 1, "learn_steps", f"must be >= 1, got {cfg.learn_steps}")
     _require(len(cfg.t_grid) >= 1, "t_grid", "needs at least one level")
     for t in cfg.t_grid:
         _require(0.0 < t <= 1.0, "t_grid", f"every level must be in (0, 1], got {t}")

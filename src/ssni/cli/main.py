@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "ssni.cli.train",
     "ssni.cli.demo",
     "ssni.cli.evaluate",
+    "ssni.cli.learn",
 ]
 
 

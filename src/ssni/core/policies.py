@@ -8,7 +8,7 @@ SSNI-N (sigmoid) or SSNI-L (linear).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from .purifiers import to_model_space
 from .score import ScoreModel
 from .validation import check_images
 
-__all__ = ["NoiseLevelPolicy", "Constant", "SSNI", "eps_score_norm"]
+__all__ = ["NoiseLevelPolicy", "Constant", "SSNI", "eps_score_norm", "eps_probe"]
 
 
 class NoiseLevelPolicy(nn.Module):
@@ -44,28 +44,23 @@ class Constant(NoiseLevelPolicy):
         return torch.full((x.shape[0],), self.t_star, device=x.device, dtype=x.dtype)
 
 
-def eps_score_norm(
+def eps_probe(
     model: ScoreModel,
     x: Tensor,
     *,
     levels: int = 20,
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
-) -> Tensor:
-    """Norm of the expected perturbation score, ``e(x) = ||(1/K) sum_k s(x_k, t_k)||_2``.
+) -> Tuple[Tensor, Tensor]:
+    """The EPS probe of SSNI: ``(e, level_norms)``.
 
     ``t_k = k / N`` for ``k = 1..K`` (``N`` the schedule's grid, 1000), ``x_k`` the input
-    perturbed to ``t_k`` with fresh noise. All ``K`` copies go through the network as one batch
-    (split into calls of at most ``chunk_size`` images if given).
-
-    Args:
-        model: score model in [-1, 1] model space.
-        x: images ``(B, C, H, W)`` in [0, 1].
-        levels: K (20 for CIFAR-10 in the paper, 50 for ImageNet).
-        generator: source of the perturbation noise (makes ``e(x)`` reproducible).
+    perturbed to ``t_k`` with fresh noise, ``s_k = s(x_k, t_k)``. All ``K`` copies go through the
+    network as one batch (split into calls of at most ``chunk_size`` images if given).
 
     Returns:
-        ``(B,)`` norms over all ``C*H*W`` entries.
+        ``e`` ``(B,)``: ``||(1/K) sum_k s_k||_2`` (the EPS norm); ``level_norms`` ``(B, K)``:
+        ``||s_k||_2`` for each level, norms over all ``C*H*W`` entries.
     """
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
@@ -84,8 +79,34 @@ def eps_score_norm(
                 for i in range(0, x_k.shape[0], chunk_size)
             ]
         )
-    eps_mean = scores.reshape(levels, b, *x.shape[1:]).mean(0)
-    return eps_mean.flatten(1).norm(dim=1)
+    scores = scores.reshape(levels, b, -1)
+    return scores.mean(0).norm(dim=1), scores.norm(dim=2).transpose(0, 1)
+
+
+def eps_score_norm(
+    model: ScoreModel,
+    x: Tensor,
+    *,
+    levels: int = 20,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Norm of the expected perturbation score, ``e(x) = ||(1/K) sum_k s(x_k, t_k)||_2``.
+
+    ``t_k = k / N`` for ``k = 1..K`` (``N`` the schedule's grid, 1000), ``x_k`` the input
+    perturbed to ``t_k`` with fresh noise (see :func:`eps_probe`, which also returns the
+    per-level norms).
+
+    Args:
+        model: score model in [-1, 1] model space.
+        x: images ``(B, C, H, W)`` in [0, 1].
+        levels: K (20 for CIFAR-10 in the paper, 50 for ImageNet).
+        generator: source of the perturbation noise (makes ``e(x)`` reproducible).
+
+    Returns:
+        ``(B,)`` norms over all ``C*H*W`` entries.
+    """
+    return eps_probe(model, x, levels=levels, generator=generator, chunk_size=chunk_size)[0]
 
 
 class SSNI(NoiseLevelPolicy):

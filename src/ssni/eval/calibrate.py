@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..core.learned import LearnedPolicy, feature_names
 from ..core.policies import SSNI, Constant, NoiseLevelPolicy
 from ..core.purifiers import Purifier
 from ..core.score import ScoreModel
@@ -42,6 +43,7 @@ from .analysis import correctness_grid
 
 __all__ = [
     "POLICY_FORMAT",
+    "POLICY_KINDS",
     "save_policy",
     "read_policy_file",
     "load_policy",
@@ -50,6 +52,7 @@ __all__ = [
     "calibrate",
     "snap",
     "level_grid",
+    "correctness_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 Progress = Optional[Callable[[int], None]]
 _REWEIGHT = {"ssni-n": "sigmoid", "ssni-l": "linear"}
 _NAME = {v: k for k, v in _REWEIGHT.items()}
+#: Every policy kind a policy file (and the ``policy`` configuration key) can name.
+POLICY_KINDS = ("constant", "ssni-n", "ssni-l", "ssni-learned")
 
 
 # ----------------------------------------------------------------------------- policy files
@@ -81,7 +86,27 @@ def policy_state(policy: NoiseLevelPolicy) -> Dict[str, Any]:
             "batch_joined": policy.batch_joined,
             "statistics": policy.statistics(),
         }
+    if isinstance(policy, LearnedPolicy):
+        if not policy.fitted:
+            raise ValueError("the learned policy has no feature statistics; train it first")
+        return {
+            "policy": "ssni-learned",
+            "t_star": policy.t_star,
+            "bias": policy.bias,
+            "levels": policy.levels,
+            "hidden": policy.hidden,
+            "features": feature_names(policy.levels),
+        }
     raise ValueError(f"cannot save a {type(policy).__name__} policy")
+
+
+def _learned_tensors(policy: LearnedPolicy) -> Dict[str, Tensor]:
+    """The learned policy's own state (network and feature statistics, not the score model)."""
+    return {
+        k: v.detach().cpu().contiguous()
+        for k, v in policy.state_dict().items()
+        if not k.startswith("model.")
+    }
 
 
 def save_policy(
@@ -93,16 +118,21 @@ def save_policy(
     doc = {"format": POLICY_FORMAT, "version": POLICY_VERSION, **policy_state(policy)}
     if info:
         doc["info"] = dict(info)
+    if isinstance(policy, LearnedPolicy) and path.suffix != ".safetensors":
+        raise ValueError(f"a learned policy is saved as .safetensors, got {path.name}")
     if path.suffix != ".safetensors":
         return write_text_atomic(path, json.dumps(doc, indent=2, default=float) + "\n")
     from safetensors.torch import save_file
 
-    stats = doc.get("statistics", {})
-    tensors = {
-        f"norm_{k}": torch.tensor([float(stats[k])], dtype=torch.float64)
-        for k in ("mean", "std", "min", "max")
-        if k in stats
-    } or {"t_star": torch.tensor([float(doc["t_star"])], dtype=torch.float64)}
+    if isinstance(policy, LearnedPolicy):
+        tensors = _learned_tensors(policy)
+    else:
+        stats = doc.get("statistics", {})
+        tensors = {
+            f"norm_{k}": torch.tensor([float(stats[k])], dtype=torch.float64)
+            for k in ("mean", "std", "min", "max")
+            if k in stats
+        } or {"t_star": torch.tensor([float(doc["t_star"])], dtype=torch.float64)}
     with replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata={POLICY_FORMAT: json.dumps(doc, default=float)})
     return path
@@ -128,7 +158,7 @@ def read_policy_file(path: PathLike) -> Dict[str, Any]:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
         raise ValueError(f"{path} is not an ssni policy file (format != {POLICY_FORMAT!r})")
-    if doc.get("policy") not in ("constant", "ssni-n", "ssni-l"):
+    if doc.get("policy") not in POLICY_KINDS:
         raise ValueError(f"{path}: unknown policy {doc.get('policy')!r}")
     return doc
 
@@ -140,6 +170,8 @@ def load_policy(
     doc = read_policy_file(path)
     if doc["policy"] == "constant":
         return Constant(float(doc["t_star"]))
+    if doc["policy"] == "ssni-learned":
+        return _load_learned(Path(path), doc, model, chunk_size)
     policy = SSNI(
         model,
         t_star=float(doc["t_star"]),
@@ -157,6 +189,35 @@ def load_policy(
     policy.norm_max.fill_(float(stats["max"]))
     policy.norm_count.fill_(int(stats["count"]))
     return policy
+
+
+def _load_learned(
+    path: Path, doc: Dict[str, Any], model: ScoreModel, chunk_size: Optional[int]
+) -> LearnedPolicy:
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a learned policy is stored as .safetensors")
+    policy = LearnedPolicy(
+        model,
+        t_star=float(doc["t_star"]),
+        bias=float(doc.get("bias", 0.0)),
+        levels=int(doc["levels"]),
+        hidden=int(doc["hidden"]),
+        chunk_size=chunk_size,
+    )
+    tensors = load_file(str(path))
+    expected = set(_learned_tensors(policy))
+    if set(tensors) != expected:
+        missing = sorted(expected - set(tensors))[:3]
+        unexpected = sorted(set(tensors) - expected)[:3]
+        raise ValueError(
+            f"{path}: tensors do not match (missing {missing}, unexpected {unexpected})"
+        )
+    policy.load_state_dict(tensors, strict=False)
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    return policy.eval()
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -210,7 +271,7 @@ def _norms(policy: SSNI, x: Tensor, batch_size: int, generator, progress: Progre
 
 
 @torch.no_grad()
-def _table(
+def correctness_table(
     purifier: Purifier,
     classifier: nn.Module,
     x: Tensor,
@@ -335,8 +396,8 @@ def calibrate(
 
     grid = level_grid(policy.t_star, [b for _, b in pairs], resolution)
     table_kw = dict(votes=votes, batch_size=batch_size, generator=generator, progress=progress)
-    clean_tab = _table(purifier, classifier, x_cal, y_cal, grid, **table_kw)
-    adv_tab = _table(purifier, classifier, x_adv, y_cal, grid, **table_kw)
+    clean_tab = correctness_table(purifier, classifier, x_cal, y_cal, grid, **table_kw)
+    adv_tab = correctness_table(purifier, classifier, x_adv, y_cal, grid, **table_kw)
     rows = torch.arange(x_cal.shape[0])
 
     def accuracy(tab: Tensor, t: Tensor) -> float:

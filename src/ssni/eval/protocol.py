@@ -98,6 +98,8 @@ def _probe(defense, x: Tensor, generator):
     if policy is None:
         return None, None
     with torch.no_grad():
+        if hasattr(policy, "levels_and_norms"):
+            return policy.levels_and_norms(x, generator=generator)
         if hasattr(policy, "score_norm") and hasattr(policy, "level_from_norm"):
             e = policy.score_norm(x, generator=generator)
             t = policy.quantize(policy.level_from_norm(e))

@@ -1,0 +1,218 @@
+"""The learned noise-level policy: range, gradients, policy files, training, train-policy."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ssni
+from ssni.cli.main import main
+from ssni.core.learned import feature_names
+from ssni.eval.calibrate import POLICY_KINDS, load_policy, read_policy_file, save_policy
+from ssni.eval.learn import PolicyData, fit_policy, optimal_levels, policy_features, train_policy
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cli_helpers import tiny_sets, tiny_weights  # noqa: E402
+
+FMNIST = Path(os.environ.get("SSNI_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+ROW = "fmnist-diffpure-ssni-learned-pgd-linf"
+
+
+def _images(n, seed, scale=0.25):
+    g = torch.Generator().manual_seed(seed)
+    x = 0.5 + scale * torch.randn(n, 1, 8, 8, generator=g)
+    return x.clamp(0, 1)
+
+
+def _policy(levels=4, bias=0.0, hidden=8, seed=0, **kw):
+    model = ssni.GaussianScore(std=0.3)
+    policy = ssni.LearnedPolicy(model, t_star=0.1, bias=bias, levels=levels, hidden=hidden, **kw)
+    _, feats = policy_features(policy, _images(32, 1), generator=torch.Generator().manual_seed(0))
+    policy.set_feature_statistics(feats)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a non-trivial network
+        for p in [policy.e_weight, policy.offset, *policy.rest.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g))
+    return policy
+
+
+def test_features_come_from_the_ssni_probe():
+    policy = _policy(levels=5)
+    x = _images(6, 2)
+    e, feats = policy.probe(x, generator=torch.Generator().manual_seed(3))
+    e_ssni = ssni.eps_score_norm(policy.model, x, levels=5,
+                                 generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(e, e_ssni)
+    assert feats.shape == (6, len(feature_names(5))) == (6, 5 + 3)
+    assert torch.allclose(feats[:, 0], e.log())
+
+
+def test_levels_never_leave_zero_to_t_star_plus_b_and_lie_on_the_grid():
+    for bias in (0.0, 0.025):
+        policy = _policy(bias=bias)
+        inputs = [_images(16, 4), torch.zeros(4, 1, 8, 8), torch.ones(4, 1, 8, 8),
+                  torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(5))]
+        for offset in (-50.0, 0.0, 50.0):
+            with torch.no_grad():
+                policy.offset.fill_(offset)
+            for x in inputs:
+                t = policy(x)
+                assert t.shape == (x.shape[0],)
+                assert bool((t >= 0).all()) and bool((t <= 0.1 + bias + 1e-9).all())
+                assert torch.allclose(t * 1000, (t * 1000).round(), atol=1e-4)
+        with torch.no_grad():
+            policy.offset.fill_(50.0)
+        assert torch.allclose(policy(inputs[0]), torch.full((16,), 0.1 + bias), atol=1e-6)
+
+
+def test_the_level_is_differentiable_and_monotone_in_e():
+    policy = _policy(differentiable=True)
+    x = _images(8, 6).requires_grad_(True)
+    t = policy(x, generator=torch.Generator().manual_seed(0))
+    assert t.requires_grad
+    (grad,) = torch.autograd.grad(t.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # through a defense: the gradient of the logits reaches the input via t(x) as well
+    defense = ssni.relaxed(ssni.Defense(torch.nn.Sequential(torch.nn.Flatten(),
+                                                            torch.nn.Linear(64, 3)),
+                                        ssni.DiffPure(policy.model, steps=2),
+                                        _policy(differentiable=False)))
+    assert defense.policy.differentiable
+    xr = _images(4, 7).requires_grad_(True)
+    out = defense(xr, generator=torch.Generator().manual_seed(0))
+    (g2,) = torch.autograd.grad(out.sum(), xr)
+    assert torch.isfinite(g2).all() and g2.abs().sum() > 0
+    # monotone in e(x): raising log e with the other features fixed never lowers the level
+    feats = policy_features(policy, _images(8, 8))[1].float()
+    higher = feats.clone()
+    higher[:, 0] += 1.0
+    assert bool((policy.level_from_features(higher) >= policy.level_from_features(feats)).all())
+    # without differentiable=True the probe runs without a graph
+    plain = _policy()
+    assert not plain(_images(4, 9).requires_grad_(True)).requires_grad
+
+
+def test_policy_file_round_trip(tmp_path):
+    policy = _policy(levels=3, bias=0.02, hidden=5)
+    path = save_policy(tmp_path / "learned.safetensors", policy, info={"note": "test"})
+    doc = read_policy_file(path)
+    assert doc["policy"] == "ssni-learned" and doc["info"]["note"] == "test"
+    assert doc["features"] == feature_names(3)
+    loaded = load_policy(path, policy.model)
+    assert isinstance(loaded, ssni.LearnedPolicy)
+    assert (loaded.t_star, loaded.bias, loaded.levels, loaded.hidden) == (0.1, 0.02, 3, 5)
+    own = {k: v for k, v in policy.state_dict().items() if not k.startswith("model.")}
+    for k, v in own.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = _images(8, 3)
+    t1 = policy(x, generator=torch.Generator().manual_seed(1))
+    t2 = loaded(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(t1, t2)
+    with pytest.raises(ValueError):
+        save_policy(tmp_path / "learned.json", policy)
+    with pytest.raises(ValueError):  # an untrained policy has no statistics to save
+        save_policy(tmp_path / "u.safetensors", ssni.LearnedPolicy(policy.model, levels=3))
+
+
+def test_policy_kinds_match_the_configuration_choices():
+    from ssni.cli.config import CHOICES
+
+    assert tuple(CHOICES["policy"]) == POLICY_KINDS
+
+
+def test_optimal_levels():
+    grid = torch.tensor([0.0, 0.05, 0.1], dtype=torch.float64)
+    correct = torch.tensor([[True, True, True], [False, False, True], [False, True, False],
+                            [False, False, False]])
+    t, ok = optimal_levels(correct, grid, 0.1)
+    assert t.tolist() == [0.0, 0.1, 0.05, 0.1] and ok.tolist() == [True, True, True, False]
+    t, _ = optimal_levels(correct, grid, None)
+    assert torch.isnan(t[3])
+
+
+def _synthetic_data(n=96, seed=0):
+    """Clean images are right from level 0, adversarial ones from a level that grows with e."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.tensor([0.0, 0.025, 0.05, 0.075, 0.1], dtype=torch.float64)
+    k = 4
+    e_c = torch.randn(n, generator=g, dtype=torch.float64) * 0.1
+    e_a = 1.0 + torch.randn(n, generator=g, dtype=torch.float64) * 0.3
+
+    def feats(e):
+        noise = 0.05 * torch.randn(n, k + 2, generator=g, dtype=torch.float64)
+        return torch.cat([e[:, None], noise], dim=1)
+
+    need = (e_a.clamp(0.4, 1.6) - 0.4) / 1.2 * 4  # 0..4 grid index
+    cols = torch.arange(5, dtype=torch.float64)
+    tab_a = cols[None, :] >= need.round()[:, None]
+    tab_c = torch.ones(n, 5, dtype=torch.bool)
+    tab_c[:, -1] = False  # clean images lose at t*
+    return PolicyData(grid, feats(e_c), feats(e_a), e_c.exp(), e_a.exp(), tab_c, tab_a)
+
+
+def test_training_beats_the_constant_level_and_weights_shift_levels_up():
+    data = _synthetic_data()
+    policy = ssni.LearnedPolicy(ssni.GaussianScore(std=0.3), t_star=0.1, levels=4, hidden=4)
+    res = train_policy(policy, data, under_weights=(1.0, 16.0), steps=400, seed=0)
+    assert res.baseline["clean_acc"] == 0.0  # constant t* loses every clean image here
+    assert res.final["clean_acc"] > 0.9 and res.final["robust_acc"] > 0.5
+    assert res.chosen["under_weight"] in (1.0, 16.0) and len(res.table) == 2
+    # a larger under-noising weight never lowers the adversarial levels on average
+    t_c, t_a = data.targets(policy.max_level)
+    feats = torch.cat([data.features_clean, data.features_adv])
+    targets = torch.cat([t_c, t_a])
+    adv = torch.cat([torch.zeros(96, dtype=torch.bool), torch.ones(96, dtype=torch.bool)])
+    means = []
+    for w in (1.0, 16.0):
+        fit_policy(policy, feats, targets, adv, under_weight=w, steps=400)
+        with torch.no_grad():
+            means.append(float(policy.level_from_features(data.features_adv).mean()))
+    assert means[1] >= means[0]
+
+
+@pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST idx files not installed")
+def test_train_policy_reads_validation_data_only(tmp_path, monkeypatch, capsys):
+    import ssni.data as data
+
+    s, c = tiny_weights(tmp_path)
+    train_only = tmp_path / "fmnist-train-only"  # reading the test split would fail
+    train_only.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (train_only / name).symlink_to(FMNIST / name)
+    requested = []
+    original = data.load_dataset
+
+    def recording(name, split="train", data_dir=None):
+        requested.append(split)
+        return original(name, split, data_dir)
+
+    monkeypatch.setattr(data, "load_dataset", recording)
+    out = tmp_path / "lp"
+    sets = tiny_sets(s, c, data_dir=train_only, learn_n=8, learn_steps=50,
+                     learn_resolution=0.05, learn_weights="1,4")
+    assert main(["--quiet", "train-policy", "--preset", ROW, *sets, "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert requested and set(requested) == {"val"}
+    doc = read_policy_file(out / "policy.safetensors")
+    assert doc["policy"] == "ssni-learned" and doc["levels"] == 2
+    assert doc["info"]["data"]["split"] == "val" and "train-policy" in doc["info"]["command"]
+    assert doc["info"]["training"]["under_weight"] in (1.0, 4.0)
+    # a rerun with the same data settings reuses the training data (no data read at all)
+    requested.clear()
+    assert main(["--quiet", "train-policy", "--preset", ROW, *sets, "--out", str(out)]) == 0
+    assert requested == []
+    # evaluate accepts the file, also with the adaptive attack through t(x)
+    monkeypatch.setattr(data, "load_dataset", original)
+    for extra in ([], ["--set", "adaptive_t=true"]):
+        run = tmp_path / f"run{len(extra)}"
+        args = ["--quiet", "evaluate", "--preset", ROW, *tiny_sets(s, c), "--set", "seeds=121",
+                "--set", f"policy_file={out / 'policy.safetensors'}", *extra, "--out", str(run)]
+        assert main(args) == 0, capsys.readouterr().err
+        assert (run / "report.json").is_file()
+    # the preset without a trained file gives a one-line configuration error
+    missing = ["--quiet", "evaluate", "--preset", ROW, *tiny_sets(s, c),
+               "--set", f"policy_file={tmp_path / 'none.safetensors'}", "--out", str(tmp_path)]
+    assert main(missing) == 2
