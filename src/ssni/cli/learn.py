@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .evaluate import EXAMPLE_PRESET, _add_config_args, _Bar, _craft, _emit, _quiet, _setup
+from .outdir import locks_out
 
 LEARNED_EXAMPLE = "fmnist-diffpure-ssni-learned-pgd-linf"
 
@@ -40,6 +41,7 @@ def _data_key(cfg) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@locks_out
 def cmd_train_policy(args) -> int:
     from ..core.defense import Defense
     from ..core.learned import LearnedPolicy
@@ -47,6 +49,7 @@ def cmd_train_policy(args) -> int:
     from ..eval import reports
     from ..eval.calibrate import save_policy
     from ..eval.learn import PolicyData, policy_data, train_policy
+    from ..io.files import replacing, write_text_atomic
     from . import build
     from .config import load_config
 
@@ -92,7 +95,8 @@ def cmd_train_policy(args) -> int:
             votes=cfg.learn_votes, batch_size=cfg.batch_size, generator=gen, progress=bar,
         )
         bar.close()
-        torch.save({"key": key, "attack": attack_desc, "data": data.to_dict()}, cache)
+        with replacing(cache) as tmp:
+            torch.save({"key": key, "attack": attack_desc, "data": data.to_dict()}, tmp)
     result = train_policy(
         policy,
         data,
@@ -120,7 +124,7 @@ def cmd_train_policy(args) -> int:
     reports.write_json(out / "training.json", {**result.to_dict(), "seconds": seconds,
                                                 "attack": attack_desc})
     text = _markdown(cfg, result, attack_desc)
-    (out / "training.md").write_text(text, encoding="utf-8")
+    write_text_atomic(out / "training.md", text)
     _emit(text)
     _emit(f"wrote {policy_path} ({seconds:.1f} s); use it with --set policy_file={policy_path}")
     return 0
