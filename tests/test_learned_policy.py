@@ -216,3 +216,22 @@ def test_train_policy_reads_validation_data_only(tmp_path, monkeypatch, capsys):
     missing = ["--quiet", "evaluate", "--preset", ROW, *tiny_sets(s, c),
                "--set", f"policy_file={tmp_path / 'none.safetensors'}", "--out", str(tmp_path)]
     assert main(missing) == 2
+
+
+def test_shipped_learned_policy_loads_through_every_learned_preset():
+    from ssni.cli import build
+    from ssni.cli.config import load_config
+
+    for base in ("diffpure", "gdmp", "gns"):
+        cfg = load_config(f"fmnist-{base}-ssni-learned-pgd-linf")
+        assert cfg.policy == "ssni-learned"
+        implied = build.policy_overrides(cfg)
+        assert implied["policy"] == "ssni-learned" and implied["levels"] == cfg.levels
+        path = build.resolve_policy_file(cfg.policy_file)
+        doc = read_policy_file(path)
+        assert doc["info"]["data"]["split"] == "val"
+        assert doc["info"]["command"].startswith("ssni train-policy")
+        policy = load_policy(path, ssni.GaussianScore(std=0.3))
+        assert policy.fitted and policy.max_level == pytest.approx(cfg.t_star + cfg.bias)
+        t = policy(torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+        assert bool((t >= 0).all()) and bool((t <= policy.max_level + 1e-9).all())

@@ -14,7 +14,8 @@ held-out part of the same validation images: for each candidate, the policy is t
 rest, its levels are snapped to the grid and clean/robust accuracy read off the table (no
 further network calls); the choice maximises clean accuracy with robust accuracy at least the
 constant-``t*`` defense's on those images (``objective="constrained"``) or
-``weight * clean + (1 - weight) * robust``. The chosen ``w`` is then retrained on all images.
+``weight * clean + (1 - weight) * robust``; ties go to the larger ``w``. The chosen ``w`` is then
+retrained on all images.
 """
 
 from __future__ import annotations
@@ -300,14 +301,14 @@ def train_policy(
             "feasible": acc["robust_acc"] >= floor - 1e-12,
             "score": weight * acc["clean_acc"] + (1 - weight) * acc["robust_acc"],
         })
+    # ties go to the larger weight: more noise for inputs that look adversarial
     if objective == "weighted":
-        best = max(rows, key=lambda r: (r["score"], r["robust_acc"], r["clean_acc"]))
+        best = max(rows, key=lambda r: (r["score"], r["robust_acc"], r["under_weight"]))
     else:
         feasible = [r for r in rows if r["feasible"]]
         pool = feasible or rows
-        key = (lambda r: (r["clean_acc"], r["robust_acc"])) if feasible else (
-            lambda r: (r["robust_acc"], r["clean_acc"]))
-        best = max(pool, key=key)
+        first, second = ("clean_acc", "robust_acc") if feasible else ("robust_acc", "clean_acc")
+        best = max(pool, key=lambda r: (r[first], r[second], r["under_weight"]))
     everything = torch.arange(n)
     losses = train_on(everything, best["under_weight"])
     lost_adv = ~data.table_adv.any(1)
