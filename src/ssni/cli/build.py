@@ -121,21 +121,29 @@ def _imagenet(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Te
     return x, y
 
 
-def load_images(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Tensor]:
-    """A fixed seeded subset of ``n`` images of ``split`` (``train``/``val``/``test``)."""
+def load_images(
+    cfg: RunConfig, split: str, n: int, seed: int, key: str = "n"
+) -> Tuple[Tensor, Tensor]:
+    """A fixed seeded subset of ``n`` images of ``split`` (``train``/``val``/``test``); ``key``
+    is the configuration key that asked for ``n`` (named when there are too few images)."""
     if cfg.dataset in ("fashion-mnist", "digits"):
         from .. import data
 
         x, y = data.load_dataset(cfg.dataset, split, _data_dir(cfg))
         if n > x.shape[0]:
-            raise ConfigError("n", f"{cfg.dataset} {split} has only {x.shape[0]} images, asked {n}")
+            raise ConfigError(key, f"{cfg.dataset} {split} has only {x.shape[0]} images, asked {n}")
         return data.subset(x, y, n, seed)
     if cfg.dataset == "cifar10":
         from ..data.cifar10 import load_cifar10
 
         if not cfg.data_dir:
             raise ConfigError("data_dir", "CIFAR-10 needs the folder with cifar-10-batches-py")
-        return load_cifar10(cfg.data_dir, split=split, n=n, seed=seed)
+        try:
+            return load_cifar10(cfg.data_dir, split=split, n=n, seed=seed)
+        except ValueError as err:
+            if "subset size" in str(err):
+                raise ConfigError(key, f"CIFAR-10 {split}: {err}") from None
+            raise
     return _imagenet(cfg, split, n, seed)
 
 
@@ -144,12 +152,14 @@ def eval_images(cfg: RunConfig) -> Tuple[Tensor, Tensor]:
     return load_images(cfg, cfg.split, cfg.n, cfg.subset_seed)
 
 
-def heldout_images(cfg: RunConfig, n: int, split: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+def heldout_images(
+    cfg: RunConfig, n: int, split: Optional[str] = None, key: str = "stats_n"
+) -> Tuple[Tensor, Tensor]:
     """``n`` held-out clean images (default ``stats_split``); never the test split."""
     split = split or cfg.stats_split
     if split == "test":
         raise ConfigError("stats_split", "clean statistics must not come from the test split")
-    return load_images(cfg, split, n, cfg.subset_seed)
+    return load_images(cfg, split, n, cfg.subset_seed, key)
 
 
 # ----------------------------------------------------------------------------- models
@@ -165,13 +175,15 @@ def _load_local(name: str, path: str, kind: str, key: str):
             path = str(find_weights(LOCAL_MODELS[name][0]))
         except FileNotFoundError as err:
             raise ConfigError(key, str(err)) from None
+    if Path(path).is_dir():
+        raise ConfigError(key, f"{path!r} is a folder, not a weights file")
     if not Path(path).is_file():
         raise ConfigError(key, f"no such file {path!r}")
-    return (
-        weights.load_score_model_file(path)
-        if kind == "score_model"
-        else weights.load_classifier_file(path)
-    )
+    load = weights.load_score_model_file if kind == "score_model" else weights.load_classifier_file
+    try:
+        return load(path)
+    except weights.WeightFileError as err:
+        raise ConfigError(key, str(err)) from None
 
 
 def check_device(cfg: RunConfig) -> None:

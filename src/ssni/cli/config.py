@@ -281,6 +281,8 @@ def coerce(key: str, value: Any) -> Any:
     if kind == "str":
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {type(value).__name__}")
+        if key in CHOICES and value.strip().lower() in CHOICES[key]:
+            return value.strip().lower()  # e.g. norm=Linf (the Python spelling) -> linf
         return value
     if kind == "int":
         return _to_int(key, value)
@@ -433,8 +435,8 @@ def load_toml(path: os.PathLike) -> Dict[str, Any]:
             data = tomllib.load(f)
     except OSError as err:
         raise ConfigError("preset", f"cannot read {path}: {err.strerror or err}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError("preset", f"{path.name} is not valid TOML: {err}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError("preset", f"{path} is not valid TOML: {_one_line(err)}") from None
     for key, value in data.items():
         if isinstance(value, dict):
             raise ConfigError(key, f"presets are flat: tables ([{key}]) are not allowed")
@@ -477,6 +479,8 @@ def find_preset(name_or_path: str):
     if name_or_path.endswith(".toml") or os.sep in name_or_path:
         if path.is_file():
             return path
+        if path.is_dir():
+            raise ConfigError("preset", f"{name_or_path!r} is a folder, not a .toml file")
         raise ConfigError("preset", f"no such file {name_or_path!r}")
     presets = list_presets()
     if name_or_path in presets:
@@ -493,8 +497,13 @@ def _read_preset(entry) -> Dict[str, Any]:
         raise ConfigError("preset", "reading TOML needs Python >= 3.11 or `pip install tomli`")
     try:
         return tomllib.loads(entry.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError("preset", f"{entry.name} is not valid TOML: {err}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError("preset", f"{entry.name} is not valid TOML: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def load_config(preset: Optional[str] = None, overrides: Iterable[str] = ()) -> RunConfig:

@@ -39,18 +39,32 @@ def _setup(args) -> None:
 
 
 class _Bar:
-    """A tqdm bar with ETA on a terminal (hidden otherwise or with --quiet)."""
+    """Progress of a long loop: a tqdm bar with ETA on a terminal; otherwise (logs, pipes) an
+    INFO line at the start and then at most every ``every`` seconds; nothing with --quiet."""
 
-    def __init__(self, total: int, desc: str, quiet: bool) -> None:
+    def __init__(self, total: int, desc: str, quiet: bool, every: float = 30.0) -> None:
         self.bar = None
-        if not quiet and total > 0:
+        self.total, self.desc, self.every = total, desc, every
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+        self.lines = not quiet and total > 0 and not sys.stderr.isatty()
+        if not quiet and total > 0 and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="img", disable=None, leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+        elif self.lines:
+            log.info("%s: 0/%d", desc, total)
 
     def __call__(self, k: int) -> None:
+        self.done += k
         if self.bar is not None:
             self.bar.update(k)
+        elif self.lines and time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            spent = self.last - self.start
+            left = spent / max(self.done, 1) * max(self.total - self.done, 0)
+            log.info("%s: %d/%d (%.0f s, about %.0f s left)", self.desc, self.done, self.total,
+                     spent, left)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -86,8 +100,27 @@ def _load(args):
     cfg = load_config(args.preset, args.overrides)
     implied = build.policy_overrides(cfg)
     if implied:
+        _refuse_conflicts(cfg, implied, args.overrides)
         cfg = cfg.replace(**implied)
     return cfg
+
+
+def _refuse_conflicts(cfg, implied: Dict[str, Any], overrides: List[str]) -> None:
+    """``--set KEY=`` values that the policy file would silently replace: ConfigError."""
+    from .config import ConfigError, parse_override
+
+    explicit = {parse_override(o)[0] for o in overrides}
+    for key in sorted(explicit & set(implied)):
+        mine, theirs = getattr(cfg, key), implied[key]
+        same = mine == theirs or (
+            isinstance(mine, float) and abs(mine - float(theirs)) <= 1e-9 * max(1.0, abs(mine))
+        )
+        if not same:
+            raise ConfigError(
+                key,
+                f"--set {key}={mine!r} conflicts with policy_file {cfg.policy_file} "
+                f"({key} = {theirs!r}); drop one of them",
+            )
 
 
 def _write_config(out: Path, cfg) -> None:
@@ -318,18 +351,20 @@ def cmd_calibrate(args) -> int:
     purifier = build.build_purifier(cfg, model)
     # Validation data only: statistics and calibration images are disjoint.
     if cfg.stats_split == "val":
-        xv, yv = build.load_images(cfg, "val", cfg.stats_n + cfg.calib_n, cfg.subset_seed)
+        xv, yv = build.load_images(
+            cfg, "val", cfg.stats_n + cfg.calib_n, cfg.subset_seed, key="stats_n + calib_n"
+        )
         x_stats, x_cal, y_cal = xv[: cfg.stats_n], xv[cfg.stats_n :], yv[cfg.stats_n :]
     else:
         x_stats, _ = build.heldout_images(cfg, cfg.stats_n)
-        x_cal, y_cal = build.load_images(cfg, "val", cfg.calib_n, cfg.subset_seed)
+        x_cal, y_cal = build.load_images(cfg, "val", cfg.calib_n, cfg.subset_seed, key="calib_n")
     dev = cfg.device
     x_stats, x_cal, y_cal = x_stats.to(dev), x_cal.to(dev), y_cal.to(dev)
     _write_config(out, cfg)  # inputs checked: the first write
     gen = build.seeded_generator(cfg.seeds[0], dev)
     base = Defense(classifier, purifier, Constant(cfg.t_star))
     setup = build.build_attack(cfg, base, iterations=cfg.calib_iterations, eot=cfg.calib_eot)
-    bar = _Bar(cfg.calib_n, "attack (constant t*)", _quiet(args))
+    bar = _Bar(x_cal.shape[0], "calibrate: attack vs constant t*", _quiet(args))
     x_adv = _craft(setup, x_cal, y_cal, cfg, gen, bar)
     bar.close()
     policy = SSNI(
@@ -346,7 +381,7 @@ def cmd_calibrate(args) -> int:
     ] or [0.0]
     levels = int((level_grid(cfg.t_star, admissible) > 0).sum())
     total = x_stats.shape[0] + 2 * x_cal.shape[0] * (1 + levels)
-    bar = _Bar(total, "calibrate", _quiet(args))
+    bar = _Bar(total, "calibrate: statistics, norms and level grid", _quiet(args))
     result = calibrate(
         policy,
         purifier,

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .policies import NoiseLevelPolicy
 from .purifiers import Purifier
-from .validation import check_images
+from .validation import check_images, check_model_input
 
 __all__ = ["Defense", "DefenseOutput"]
 
@@ -38,16 +38,21 @@ class Defense(nn.Module):
         self.purifier = purifier
         self.policy = policy
 
+    def _check(self, x: Tensor) -> None:
+        check_images(x)
+        check_model_input(x, getattr(self.purifier, "model", None), "score model")
+        check_model_input(x, self.classifier, "classifier")
+
     def run(self, x: Tensor, generator: Optional[torch.Generator] = None) -> DefenseOutput:
         """Every intermediate of one stochastic pass."""
-        check_images(x)
+        self._check(x)
         t = self.policy(x, generator=generator)
         pure = self.purifier.run(x, t, generator=generator)
         return DefenseOutput(self.classifier(pure.x), t, pure.x, pure.nfe)
 
     def purify(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Purified images ``(B, C, H, W)`` in [0, 1]."""
-        check_images(x)
+        self._check(x)
         return self.purifier(x, self.policy(x, generator=generator), generator=generator)
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .purifiers import to_model_space
 from .score import ScoreModel
-from .validation import check_images
+from .validation import check_images, check_model_input
 
 __all__ = ["NoiseLevelPolicy", "Constant", "SSNI", "eps_score_norm", "eps_probe"]
 
@@ -207,6 +207,7 @@ class SSNI(NoiseLevelPolicy):
     def score_norm(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """``(B,)`` EPS norms of images ``x`` in [0, 1]."""
         check_images(x)
+        check_model_input(x, self.model, "score model")
         return eps_score_norm(
             self.model, x, levels=self.levels, generator=generator, chunk_size=self.chunk_size
         )
@@ -233,8 +234,17 @@ class SSNI(NoiseLevelPolicy):
         return self
 
     def set_statistics(self, norms: Tensor) -> None:
-        """Set the clean statistics from a 1-D tensor of clean norms."""
+        """Set the clean statistics from a 1-D tensor of clean norms (at least two, finite,
+        not all equal: a std of 0 would send every input to the same level)."""
         e = norms.detach().double().flatten()
+        if e.numel() < 2 or not bool(torch.isfinite(e).all()):
+            raise ValueError(f"clean statistics need >= 2 finite norms, got {e.tolist()[:4]}...")
+        if float(e.std()) == 0.0:
+            raise ValueError(
+                f"the {e.numel()} clean score norms are all equal ({float(e[0]):.6g}, std 0): "
+                "every input would get the same level; the score model or the clean images are "
+                "degenerate (a constant model, or copies of one image)"
+            )
         self.norm_mean.fill_(float(e.mean()))
         self.norm_std.fill_(float(e.std()))
         self.norm_min.fill_(float(e.min()))

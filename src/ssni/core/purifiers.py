@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .sampling import make_step_rule, reverse
 from .score import ScoreModel
-from .validation import as_times, check_images
+from .validation import as_times, check_images, check_model_input
 
 __all__ = [
     "DiffusionPurifier",
@@ -101,6 +101,7 @@ class DiffusionPurifier(Purifier):
         self, x: Tensor, t: Union[float, Tensor], generator: Optional[torch.Generator] = None
     ) -> Purification:
         check_images(x)
+        check_model_input(x, self.model, "score model")
         t = as_times(t, x)
         out = self.denoise(to_model_space(x), t, generator)
         return Purification(to_image_space(out.x), out.nfe)

@@ -8,7 +8,7 @@ New checkpoint families are new adapters (subclasses of :class:`ScoreModel`), ne
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +21,12 @@ __all__ = ["ScoreModel", "EpsilonNetwork", "GaussianScore"]
 class ScoreModel(nn.Module):
     """Contract: ``eps(x, t)`` and ``score(x, t)`` with the VP ``schedule`` they refer to.
 
-    Subclasses implement :meth:`eps`. ``forward`` is ``eps``.
+    Subclasses implement :meth:`eps`. ``forward`` is ``eps``. ``image_shape`` is the
+    ``(C, H, W)`` of the images the model was trained on when known (loaders set it; inputs of
+    another shape are refused by the purifiers), ``None`` when any shape works.
     """
+
+    image_shape: Optional[Tuple[int, int, int]] = None
 
     def __init__(self, schedule: Optional[VPSchedule] = None) -> None:
         super().__init__()

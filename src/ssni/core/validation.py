@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["check_images", "check_times", "as_times"]
+__all__ = ["check_images", "check_model_input", "check_times", "as_times"]
 
 
 def check_images(x: Tensor, name: str = "x") -> Tensor:
@@ -25,6 +25,29 @@ def check_images(x: Tensor, name: str = "x") -> Tensor:
     lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"{name} must be images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return x
+
+
+def check_model_input(
+    x: Tensor, model: Optional[nn.Module], what: str, name: str = "x"
+) -> Tensor:
+    """Require images ``x`` that ``model`` can take: its ``image_shape`` ``(C, H, W)`` when it
+    declares one, and the dtype of its floating-point parameters (no check for ``None``)."""
+    if not isinstance(model, nn.Module):
+        return x
+    shape = getattr(model, "image_shape", None)
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        got = "x".join(str(v) for v in x.shape[1:])
+        want = "x".join(str(v) for v in shape)
+        raise ValueError(
+            f"{name} holds {got} images (C x H x W); the {what} expects {want} images"
+        )
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None and x.dtype != param.dtype:
+        raise ValueError(
+            f"{name} is {x.dtype}, the {what}'s weights are {param.dtype}; convert the images "
+            f"(e.g. x.to({param.dtype}))"
+        )
     return x
 
 

@@ -141,20 +141,25 @@ def save_policy(
 def read_policy_file(path: PathLike) -> Dict[str, Any]:
     """The dictionary stored in a policy file (JSON or safetensors); checks its format."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"policy file {path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"policy file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: one clear line
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
         if POLICY_FORMAT not in meta:
             raise ValueError(f"{path} is not an ssni policy file (no '{POLICY_FORMAT}' metadata)")
         doc = json.loads(meta[POLICY_FORMAT])
     else:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
         raise ValueError(f"{path} is not an ssni policy file (format != {POLICY_FORMAT!r})")
@@ -182,7 +187,18 @@ def load_policy(
         batch_joined=bool(doc.get("batch_joined", False)),
         chunk_size=chunk_size,
     )
-    stats = doc["statistics"]
+    stats = doc.get("statistics")
+    keys = ("mean", "std", "min", "max", "count")
+    if not isinstance(stats, dict) or not all(_is_number(stats.get(k)) for k in keys):
+        raise ValueError(
+            f"{path}: an {doc['policy']} policy file needs 'statistics' with numbers "
+            f"{', '.join(keys)} (the clean score-norm statistics); write it with `ssni calibrate`"
+        )
+    if not int(stats["count"]) >= 2 or not float(stats["std"]) > 0:
+        raise ValueError(
+            f"{path}: its clean statistics are degenerate (count {stats['count']}, std "
+            f"{stats['std']}); every input would get the same level"
+        )
     policy.norm_mean.fill_(float(stats["mean"]))
     policy.norm_std.fill_(float(stats["std"]))
     policy.norm_min.fill_(float(stats["min"]))
@@ -218,6 +234,10 @@ def _load_learned(
     for p in policy.parameters():
         p.requires_grad_(False)
     return policy.eval()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..attacks.base import Attack
 from ..attacks.gradients import forward
+from ..core.validation import check_images
 from .checks import is_stochastic, undefended_check
 from .log import LOG_FORMAT, RunLog, fingerprint_data, fingerprint_module, jsonable
 from .report import Report, build_report, floats
@@ -64,12 +65,25 @@ def _as_tensors(data) -> Tuple[Tensor, Tensor]:
         if not xs:
             raise ValueError("data is empty")
         x, y = torch.cat(xs), torch.cat(ys)
-    y = torch.as_tensor(y).long().reshape(-1)
+    y = torch.as_tensor(y)
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise ValueError(f"labels must be integers (e.g. torch.int64), got {y.dtype}")
+    y = y.long().reshape(-1)
     if x.dim() != 4 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(
             f"need images (N, C, H, W) and labels (N,), got {tuple(x.shape)}, {tuple(y.shape)}"
         )
+    check_images(x, "images")
     return x.detach(), y.detach()
+
+
+def _check_labels(y: Tensor, classes: int) -> None:
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(
+            f"labels must lie in [0, {classes - 1}] (the defense has {classes} classes), "
+            f"got labels in [{lo}, {hi}]"
+        )
 
 
 def _majority(preds: Tensor, classes: int) -> Tensor:
@@ -243,11 +257,18 @@ def evaluate(
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
-    log = RunLog(log_path, config, repair=repair_log)
+    try:
+        # one pass on one image checks that the models take these images, before any write
+        classes = _num_classes(defense, x, keyed_generator(x.device, 0, 0))
+        _check_labels(y, classes)
+        log = RunLog(log_path, config, repair=repair_log)
+    except BaseException:
+        for m, flag in zip(modules, was_training):
+            m.train(flag)
+        raise
     try:
         if on_start is not None:
             on_start()
-        classes = _num_classes(defense, x, keyed_generator(x.device, 0, 0))
         chunks = [(s, start) for s in seeds for start in range(0, n, batch_size)]
         bar = None
         if progress:

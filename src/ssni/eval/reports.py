@@ -268,7 +268,8 @@ def write_report(
     Args:
         rows: per-seed results (see the module docstring).
         title: heading of the markdown file.
-        extra: JSON-able entries stored under ``"extra"`` in ``report.json``.
+        extra: JSON-able entries stored under ``"extra"`` in ``report.json``; its
+            ``"warnings"`` (sanity-check messages) are also listed in ``report.md``.
 
     Returns:
         ``{"json": path, "csv": path, "md": path}``.
@@ -286,7 +287,11 @@ def write_report(
     writer.writeheader()
     writer.writerows(csv_rows)
     paths["csv"] = write_text_atomic(out / REPORT_CSV, buf.getvalue())
-    paths["md"] = write_text_atomic(out / REPORT_MD, f"# {title}\n\n" + markdown_table(summary))
+    text = f"# {title}\n\n" + markdown_table(summary)
+    warnings = list((extra or {}).get("warnings") or [])
+    if warnings:
+        text += "\n## Warnings\n\n" + "".join(f"- {w}\n" for w in warnings)
+    paths["md"] = write_text_atomic(out / REPORT_MD, text)
     return paths
 
 
@@ -300,8 +305,18 @@ def read_report(path: PathLike) -> Dict[str, Any]:
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{path} is not an ssni report (not JSON)") from None
-    if not isinstance(doc, dict) or "rows" not in doc:
-        raise ValueError(f"{path} is not an ssni report (no 'rows')")
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not an ssni report") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise ValueError(f"{path} is not an ssni report (no list of 'rows')")
+    for i, row in enumerate(doc["rows"]):
+        ok = (
+            isinstance(row, dict)
+            and isinstance(row.get("metrics", {}), dict)
+            and isinstance(row.get("config") or {}, dict)
+        )
+        if not ok:
+            raise ValueError(f"{path}: row {i} is not a result row (needs 'metrics' and 'config')")
     return doc
 
 

@@ -3,7 +3,9 @@
 The metadata is a JSON string with the architecture (a key of :data:`ssni.nets.ARCHITECTURES`)
 and its kwargs, the schedule and time scale of a score model, data provenance and the command
 that produced the file. Loading never runs code from the file; models come back on the CPU in
-eval mode with ``requires_grad=False``.
+eval mode with ``requires_grad=False`` and ``image_shape`` ``(C, H, W)`` (the size of the images
+they were trained on, when the file says so). A missing, truncated, random, pickled or
+mismatched file raises one :class:`~ssni.io.checkpoints.CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from torch import nn
 from ..core.diffusion import VPSchedule
 from ..core.score import EpsilonNetwork
 from ..nets import build_network
+from .checkpoints import CheckpointError, CheckpointNotFoundError
+
+
+class WeightFileError(CheckpointError, ValueError):
+    """A weights file that is not a usable ssni weights file (one line naming the file)."""
 
 __all__ = [
     "METADATA_KEY",
@@ -29,6 +36,8 @@ __all__ = [
     "read_metadata",
     "load_score_model_file",
     "load_classifier_file",
+    "image_shape",
+    "WeightFileError",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -81,24 +90,66 @@ def save_weights(
     return meta
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _check_file(path: PathLike) -> None:
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise WeightFileError(f"{path} is a folder, not a weights file")
+
+
 def read_metadata(path: PathLike) -> Dict[str, Any]:
     """The ``"ssni"`` metadata dictionary of a weights file written by :func:`save_weights`."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: one clear line
+        raise WeightFileError(
+            f"{path} is not a readable safetensors weights file ({_first_line(err)})"
+        ) from None
     if METADATA_KEY not in meta:
-        raise ValueError(f"{path} has no '{METADATA_KEY}' metadata; not an ssni weights file")
-    return json.loads(meta[METADATA_KEY])
+        raise WeightFileError(f"{path} has no '{METADATA_KEY}' metadata; not an ssni weights file")
+    try:
+        doc = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as err:
+        msg = f"{path}: its '{METADATA_KEY}' metadata is not JSON ({err})"
+        raise WeightFileError(msg) from None
+    if not isinstance(doc, dict) or not all(k in doc for k in ("kind", "arch", "arch_kwargs")):
+        raise WeightFileError(f"{path}: its '{METADATA_KEY}' metadata lacks kind/arch/arch_kwargs")
+    return doc
+
+
+#: Image shapes ``(C, H, W)`` of the datasets weight files name as their training data.
+DATASET_SHAPES = {"fashion-mnist": (1, 28, 28), "digits": (1, 8, 8), "cifar10": (3, 32, 32)}
+
+
+def image_shape(meta: Dict[str, Any]) -> Optional[Tuple[int, int, int]]:
+    """``(C, H, W)`` of the images a weights file's network was trained on, if known."""
+    shape = meta.get("image_shape")
+    if shape is None:
+        shape = DATASET_SHAPES.get(str((meta.get("data") or {}).get("name", "")))
+    return None if shape is None else tuple(int(v) for v in shape)
 
 
 def _load_net(path: PathLike, kind: str) -> Tuple[nn.Module, Dict[str, Any]]:
     meta = read_metadata(path)
     if meta.get("kind") != kind:
-        raise ValueError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
-    net = build_network(meta["arch"], meta["arch_kwargs"])
-    net.load_state_dict(load_file(str(path)))
+        raise WeightFileError(f"{path} holds a {meta.get('kind')!r}, not a {kind!r}")
+    try:
+        net = build_network(meta["arch"], meta["arch_kwargs"])
+        state = load_file(str(path))
+        net.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001 - truncated data, wrong keys or shapes
+        raise WeightFileError(f"cannot load {path}: {_first_line(err)}") from None
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    net.image_shape = image_shape(meta)
     return net, meta
 
 
@@ -110,6 +161,7 @@ def load_score_model_file(path: PathLike) -> EpsilonNetwork:
     net, meta = _load_net(path, "score_model")
     schedule = VPSchedule(**meta.get("schedule", {}))
     model = EpsilonNetwork(net, schedule, time_scale=float(meta.get("time_scale", TIME_SCALE)))
+    model.image_shape = net.image_shape
     return model.eval()
 
 

@@ -289,6 +289,8 @@ def load_score_model(
         integer_time=entry.integer_time,
         out_channels=entry.out_channels,
     )
+    if entry.image_size:
+        model.image_shape = (3, entry.image_size, entry.image_size)
     return _freeze(model)  # type: ignore[return-value]
 
 
