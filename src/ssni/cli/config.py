@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -436,7 +436,7 @@ def load_toml(path: os.PathLike) -> Dict[str, Any]:
     except OSError as err:
         raise ConfigError("preset", f"cannot read {path}: {err.strerror or err}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError("preset", f"{path} is not valid TOML: {_one_line(err)}") from None
+        raise ConfigError("preset", f"{path} is not valid TOML: {one_line(err)}") from None
     for key, value in data.items():
         if isinstance(value, dict):
             raise ConfigError(key, f"presets are flat: tables ([{key}]) are not allowed")
@@ -498,12 +498,8 @@ def _read_preset(entry) -> Dict[str, Any]:
     try:
         return tomllib.loads(entry.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError("preset", f"{entry.name} is not valid TOML: {_one_line(err)}") from None
+        raise ConfigError("preset", f"{entry.name} is not valid TOML: {one_line(err)}") from None
 
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def load_config(preset: Optional[str] = None, overrides: Iterable[str] = ()) -> RunConfig:

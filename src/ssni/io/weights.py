@@ -22,6 +22,7 @@ from torch import nn
 
 from ..core.diffusion import VPSchedule
 from ..core.score import EpsilonNetwork
+from ..errors import one_line
 from ..nets import build_network
 from .checkpoints import CheckpointError, CheckpointNotFoundError
 
@@ -90,11 +91,6 @@ def save_weights(
     return meta
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def _check_file(path: PathLike) -> None:
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path}: no such file")
@@ -110,7 +106,7 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
             meta = f.metadata() or {}
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: one clear line
         raise WeightFileError(
-            f"{path} is not a readable safetensors weights file ({_first_line(err)})"
+            f"{path} is not a readable safetensors weights file ({one_line(err)})"
         ) from None
     if METADATA_KEY not in meta:
         raise WeightFileError(f"{path} has no '{METADATA_KEY}' metadata; not an ssni weights file")
@@ -145,7 +141,7 @@ def _load_net(path: PathLike, kind: str) -> Tuple[nn.Module, Dict[str, Any]]:
         state = load_file(str(path))
         net.load_state_dict(state)
     except Exception as err:  # noqa: BLE001 - truncated data, wrong keys or shapes
-        raise WeightFileError(f"cannot load {path}: {_first_line(err)}") from None
+        raise WeightFileError(f"cannot load {path}: {one_line(err)}") from None
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
