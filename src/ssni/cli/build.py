@@ -297,10 +297,12 @@ def build_policy(
     stats_images: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     progress: Optional[Callable[[int], None]] = None,
+    fit: bool = True,
 ) -> NoiseLevelPolicy:
     """The noise-level policy: from ``policy_file`` if set, else ``Constant(t_star)`` or an SSNI
     policy fitted on ``stats_images`` (default: ``stats_n`` images of ``stats_split``);
-    ``progress`` is called with the number of images done after each batch of the fit."""
+    ``progress`` is called with the number of images done after each batch of the fit.
+    ``fit=False`` leaves a new SSNI policy unfitted (its statistics come from elsewhere)."""
     if cfg.policy_file:
         from ..eval.calibrate import load_policy
 
@@ -324,6 +326,8 @@ def build_policy(
         levels=cfg.levels,
         batch_joined=cfg.batch_joined,
     ).to(cfg.device)
+    if not fit:
+        return policy
     if stats_images is None:
         stats_images, _ = heldout_images(cfg, cfg.stats_n)
     bs = cfg.batch_size
@@ -437,11 +441,13 @@ def build_components(
     *,
     generator: Optional[torch.Generator] = None,
     progress: Optional[Callable[[int], None]] = None,
+    fit: bool = True,
 ) -> Components:
-    """Models, policy (fitted on held-out images, ``progress`` per batch) and defense."""
+    """Models, policy (fitted on held-out images unless ``fit=False``, ``progress`` per batch)
+    and defense."""
     model = build_score_model(cfg)
     classifier = build_classifier(cfg)
-    policy = build_policy(cfg, model, generator=generator, progress=progress)
+    policy = build_policy(cfg, model, generator=generator, progress=progress, fit=fit)
     return Components(cfg, model, classifier, policy, build_defense(cfg, model, classifier, policy))
 
 

@@ -246,45 +246,69 @@ def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
 
     ``out`` is locked for the whole run (:class:`~ssni.io.lock.LockError` if another run holds
     it); nothing is written into it before the data, weights, policy file and an existing log
-    are checked; a rerun with the same configuration resumes from ``out/log.jsonl``.
+    are checked; a rerun with the same configuration resumes from the logs in ``out``. Under
+    ``torchrun`` rank 0 holds the lock, every rank evaluates its share of the chunks into
+    ``out/log.rank{r}.jsonl`` and rank 0 alone writes the other files (the other ranks return
+    the same report and no files).
     """
+    from ..eval.distributed import agree
     from ..io.lock import folder_lock
+    from . import distributed
 
+    job = distributed.job(cfg.device)
     out = Path(out)
-    with folder_lock(out):
-        return _run_locked(cfg, out, progress)
+    lock = folder_lock(out)
+    # one lock for the job, held by rank 0; if rank 0 cannot take it, every rank stops
+    agree(job.group, lambda: lock.acquire() if job.rank == 0 else None)
+    try:
+        return _run_locked(cfg, out, progress, job)
+    finally:
+        lock.release()
 
 
-def _run_locked(cfg, out: Path, progress: bool) -> RunResult:
+def _run_locked(cfg, out: Path, progress: bool, job) -> RunResult:
     from ..eval import reports
+    from ..eval.distributed import share_buffers
     from ..eval.protocol import evaluate
-    from . import build
+    from . import build, distributed
 
+    lead = job.rank == 0
     start = time.perf_counter()
+    local = cfg.replace(device=job.device(cfg.device)) if job.distributed else cfg
     fitting = cfg.policy != "constant" and not cfg.policy_file
-    bar = _Bar(cfg.stats_n if fitting else 0, "clean score norms", not progress)
+    # Clean statistics: fitted once on rank 0 and broadcast, so every rank holds the same ones.
+    bar = _Bar(cfg.stats_n if fitting and lead else 0, "clean score norms", not progress)
     parts = build.build_components(
-        cfg, generator=build.seeded_generator(cfg.subset_seed), progress=bar
+        local, generator=build.seeded_generator(cfg.subset_seed), progress=bar,
+        fit=lead or not fitting,
     )
     bar.close()
-    x, y = build.eval_images(cfg)
-    setup = build.build_attack(cfg, parts.defense)
-    log.info("%s: %d images, %s", cfg.name, x.shape[0], setup.description)
+    if fitting:
+        share_buffers(job.group, parts.policy)
+    x, y = build.eval_images(local)
+    setup = build.build_attack(local, parts.defense)
+    log.info(
+        "%s: %d images, %s%s", cfg.name, x.shape[0], setup.description,
+        f", {job.world_size} ranks" if job.distributed else "",
+    )
     surrogate = None if setup.target is parts.defense else setup.target
     report = evaluate(
         parts.defense,
         setup.attack,
-        (x.to(cfg.device), y.to(cfg.device)),
+        (x.to(local.device), y.to(local.device)),
         seeds=cfg.seeds,
         votes=cfg.votes,
         batch_size=cfg.batch_size,
         surrogate=surrogate,
-        log_path=out / "log.jsonl",
-        progress=progress,
+        log_path=out / distributed.log_name(job),
+        resume_from=sorted(out.glob("log*.jsonl")),
+        group=job.group,
+        progress=progress and lead,
         sanity_samples=min(64, cfg.n),
         repair_log=cfg.resume == "repair",
-        on_start=lambda: _write_config(out, cfg),
+        on_start=(lambda: _write_config(out, cfg)) if lead else None,
     )
+    rows = _rows(cfg, report)
     seconds = time.perf_counter() - start
     extra = {
         "attack": setup.description,
@@ -295,7 +319,8 @@ def _run_locked(cfg, out: Path, progress: bool) -> RunResult:
         "policy": _policy_info(parts.policy),
         "resolved_config": cfg.to_dict(),
     }
-    rows = _rows(cfg, report)
+    if not lead:
+        return RunResult(report, rows, [], seconds)
     paths = reports.write_report(out, rows, title=cfg.name, extra=extra)
     files = [p.name for p in paths.values()] + _figures(out, cfg, report)
     return RunResult(report, rows, files, seconds)
@@ -308,12 +333,18 @@ def cmd_evaluate(args) -> int:
     cfg = _load(args)
     out = Path(args.out)
     result = run_config(cfg, out, progress=_show_progress(args))
+    if not result.files:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     _emit((out / reports.REPORT_MD).read_text(encoding="utf-8"))
     _emit(
-        f"wrote {', '.join(result.files)}, config.toml, log.jsonl to {out} "
+        f"wrote {', '.join(result.files)}, config.toml, {_logs(out)} to {out} "
         f"({result.seconds:.1f} s)"
     )
     return 0
+
+
+def _logs(out: Path) -> str:
+    return ", ".join(p.name for p in sorted(out.glob("log*.jsonl")))
 
 
 def _policy_info(policy) -> Dict[str, Any]:

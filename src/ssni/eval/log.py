@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from ..io.lock import FileLock
 
 __all__ = [
-    "LOG_FORMAT", "RunLog", "LogDamaged", "fingerprint_module", "fingerprint_data", "jsonable",
+    "LOG_FORMAT", "RunLog", "LogDamaged", "read_log", "fingerprint_module", "fingerprint_data",
+    "jsonable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,94 @@ def _parse(line: bytes) -> Optional[dict]:
     return rec if isinstance(kind, str) and kind != "config" else None  # later kinds: ignored
 
 
+Samples = Dict[Tuple[int, int], dict]
+
+
+def _scan(path: str, raw: bytes, config: dict, repair: bool) -> Tuple[Optional[list], int]:
+    """``(records, end)`` of the log bytes ``raw``: the valid records after the configuration
+    line and the byte length they span (a last line cut short by a kill is not counted; with
+    ``repair`` neither is a damaged line nor anything after it). ``records`` is None when the
+    log should be started anew (empty, or another configuration's without any sample)."""
+    end = raw.rfind(b"\n") + 1
+    if end < len(raw):  # a line cut short by a kill: drop it
+        logger.info("dropping an incomplete last line of %s", path)
+    lines = raw[:end].split(b"\n")[:-1]
+    if not lines:
+        return None, end
+    try:
+        head = json.loads(lines[0])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not an evaluation log (line 1 is not JSON)") from None
+    if not isinstance(head, dict) or head.get("kind") != "config" or "config" not in head:
+        raise ValueError(f"{path} is not an evaluation log (no configuration line)")
+    if head.get("format") != LOG_FORMAT:
+        raise ValueError(
+            f"{path} is an evaluation log of format {head.get('format')!r}, "
+            f"this version reads format {LOG_FORMAT}"
+        )
+    records = []
+    bad = None
+    for i, line in enumerate(lines[1:], start=2):
+        rec = _parse(line)
+        if rec is None:
+            bad = i
+            break
+        records.append(rec)
+    if head["config"] != config:
+        if not any(r["kind"] == "sample" for r in records) and bad is None:
+            logger.info("%s holds no sample of another configuration: starting it anew", path)
+            return None, end
+        keys = sorted(
+            k for k in set(head["config"]) | set(config) if head["config"].get(k) != config.get(k)
+        )
+        raise ValueError(
+            f"{path} was written by another configuration (differs in {keys}); "
+            "use a new log path or delete the old log"
+        )
+    if bad is not None:
+        dropped = sum(1 for line in lines[bad:] if (_parse(line) or {}).get("kind") == "sample")
+        if not repair:
+            raise LogDamaged(path, bad, dropped)
+        logger.warning(
+            "%s: dropping damaged line %d and the %d line(s) after it (%d sample(s) to redo)",
+            path, bad, len(lines) - bad, dropped,
+        )
+        end = sum(len(line) + 1 for line in lines[: bad - 1])
+    return records, end
+
+
+def _collect(records: list) -> Tuple[Samples, Optional[dict]]:
+    samples: Samples = {}
+    undefended = None
+    for rec in records:
+        if rec["kind"] == "sample":
+            samples.setdefault((rec["seed"], rec["index"]), rec["record"])
+        elif rec["kind"] == "undefended":
+            undefended = rec["result"]
+    return samples, undefended
+
+
+def read_log(
+    path: Union[str, os.PathLike], config: dict, *, repair: bool = False
+) -> Tuple[Samples, Optional[dict]]:
+    """``({(seed, index): record}, undefended)`` of the log at ``path``, read only (e.g. the
+    log of another rank, which may still be writing it).
+
+    A missing or empty file, or one of another configuration without any sample, has nothing;
+    an incomplete last line is ignored; a log of another configuration raises ``ValueError``, a
+    damaged line before the end :class:`LogDamaged` (with ``repair``: it and what follows are
+    ignored, the file is left as it is).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return {}, None
+    records, _ = _scan(path, raw, config, repair)
+    return ({}, None) if records is None else _collect(records)
+
+
 class RunLog:
     """Append-only JSONL log: a config line, then sample (and undefended-check) lines.
 
@@ -133,63 +222,23 @@ class RunLog:
         """Read an existing log; False when it should be (re)started from scratch."""
         with open(self.path, "rb") as f:
             raw = f.read()
-        end = raw.rfind(b"\n") + 1
-        if end < len(raw):  # a line cut short by a kill: drop it
-            logger.info("dropping an incomplete last line of %s", self.path)
-        lines = raw[:end].split(b"\n")[:-1]
-        if not lines:
+        records, end = _scan(self.path, raw, self.config, self.repair)
+        if records is None:
             return False
-        try:
-            head = json.loads(lines[0])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{self.path} is not an evaluation log (line 1 is not JSON)") from None
-        if not isinstance(head, dict) or head.get("kind") != "config" or "config" not in head:
-            raise ValueError(f"{self.path} is not an evaluation log (no configuration line)")
-        if head.get("format") != LOG_FORMAT:
-            raise ValueError(
-                f"{self.path} is an evaluation log of format {head.get('format')!r}, "
-                f"this version reads format {LOG_FORMAT}"
-            )
-        records = []
-        bad = None
-        for i, line in enumerate(lines[1:], start=2):
-            rec = _parse(line)
-            if rec is None:
-                bad = i
-                break
-            records.append(rec)
-        if head["config"] != self.config:
-            if not any(r["kind"] == "sample" for r in records) and bad is None:
-                logger.info("%s holds no sample of another configuration: starting it anew",
-                            self.path)
-                return False
-            keys = sorted(
-                k
-                for k in set(head["config"]) | set(self.config)
-                if head["config"].get(k) != self.config.get(k)
-            )
-            raise ValueError(
-                f"{self.path} was written by another configuration (differs in {keys}); "
-                "use a new log path or delete the old log"
-            )
-        if bad is not None:
-            dropped = sum(1 for line in lines[bad:] if (_parse(line) or {}).get("kind") == "sample")
-            if not self.repair:
-                raise LogDamaged(self.path, bad, dropped)
-            logger.warning(
-                "%s: dropping damaged line %d and the %d line(s) after it (%d sample(s) to redo)",
-                self.path, bad, len(lines) - bad, dropped,
-            )
-            end = sum(len(line) + 1 for line in lines[: bad - 1])
         if end < len(raw):
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-        for rec in records:
-            if rec["kind"] == "sample":
-                self.samples.setdefault((rec["seed"], rec["index"]), rec["record"])
-            elif rec["kind"] == "undefended":
-                self.undefended = rec["result"]
+        self.samples, self.undefended = _collect(records)
         return True
+
+    def merge(self, path: Union[str, os.PathLike]) -> None:
+        """Also count the finished samples of another log of this configuration as done (read
+        only: that file is never changed; see :func:`read_log`)."""
+        samples, undefended = read_log(path, self.config, repair=self.repair)
+        for key, record in samples.items():
+            self.samples.setdefault(key, record)
+        if self.undefended is None:
+            self.undefended = undefended
 
     def _write(self, obj: dict) -> None:
         if self._file is None:

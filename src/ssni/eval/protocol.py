@@ -24,6 +24,7 @@ fails to break the undefended classifier at the same budget.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
@@ -35,6 +36,7 @@ from ..attacks.base import Attack
 from ..attacks.gradients import forward
 from ..core.validation import check_images
 from .checks import is_stochastic, undefended_check
+from .distributed import agree, broadcast, gather, rank_of, share, world_of
 from .log import LOG_FORMAT, RunLog, fingerprint_data, fingerprint_module, jsonable
 from .report import Report, build_report, floats
 from .streams import device_of, keyed_generator
@@ -186,6 +188,8 @@ def evaluate(
     batch_size: int = 32,
     surrogate: Optional[nn.Module] = None,
     log_path: Optional[Union[str, os.PathLike]] = None,
+    resume_from: Sequence[Union[str, os.PathLike]] = (),
+    group=None,
     progress: bool = False,
     sanity_checks: bool = True,
     sanity_samples: int = 64,
@@ -210,6 +214,12 @@ def evaluate(
         surrogate: model whose gradients the attack follows (e.g. the defense with fewer reverse
             steps, or ``bpda(defense)``); success is still judged on ``defense``.
         log_path: JSONL log for resuming; refused if written by another configuration.
+        resume_from: other logs of this configuration (e.g. those of the ranks of an earlier
+            distributed run) whose finished samples count as done; read only, never repeated.
+        group: a ``torch.distributed`` process group with a CPU backend (gloo) whose ranks share
+            the evaluation: every rank calls ``evaluate`` with the same arguments except its own
+            ``log_path``; the chunks left to do are dealt round robin; each rank returns the same
+            report, equal to the single-process one. The undefended check runs on rank 0.
         progress: show a tqdm progress bar.
         sanity_checks: run the AutoAttack-style checks (warnings in the report).
         sanity_samples: samples used to attack the undefended classifier.
@@ -257,54 +267,99 @@ def evaluate(
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
+    rank, world = rank_of(group), world_of(group)
     try:
-        # one pass on one image checks that the models take these images, before any write
-        classes = _num_classes(defense, x, keyed_generator(x.device, 0, 0))
-        _check_labels(y, classes)
-        log = RunLog(log_path, config, repair=repair_log)
+        if group is not None:
+            configs = gather(group, json.dumps(config, sort_keys=True))
+            for r, other in enumerate(configs):
+                if other != configs[0]:
+                    keys = sorted(k for k, v in json.loads(other).items() if config.get(k) != v)
+                    raise ValueError(f"rank {r} has another configuration than rank 0 (in {keys})")
+
+        def check_and_open() -> Tuple[int, RunLog]:
+            # one pass on one image checks that the models take these images, before any write
+            classes = _num_classes(defense, x, keyed_generator(x.device, 0, 0))
+            _check_labels(y, classes)
+            return classes, _open_logs(log_path, resume_from, config, repair_log)
+
+        classes, log = agree(group, check_and_open)
     except BaseException:
         for m, flag in zip(modules, was_training):
             m.train(flag)
         raise
     try:
-        if on_start is not None:
-            on_start()
-        chunks = [(s, start) for s in seeds for start in range(0, n, batch_size)]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        agree(group, lambda: on_start() if on_start is not None else None)
+        done = set().union(*gather(group, set(log.samples)))  # what any rank's logs hold
+        todo = [
+            (s, start)
+            for s in seeds
+            for start in range(0, n, batch_size)
+            if not all((s, i) in done for i in range(start, min(start + batch_size, n)))
+        ]
+        mine = share(todo, rank, world)
 
-            bar = tqdm(total=len(seeds) * n, desc="evaluate", unit="sample")
-            bar.update(sum(1 for k in log.samples if k[0] in seeds))
-        for seed, start in chunks:
-            idx = list(range(start, min(start + batch_size, n)))
-            if all((seed, i) in log.samples for i in idx):
-                continue
-            records = _attack_chunk(
-                defense, grad_model, attack, x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1],
-                idx, seed, passes, votes, worst_of, classes,
-            )
-            for rec in records:
-                if (seed, rec["index"]) not in log.samples:
+        def run_mine() -> None:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                total = sum(min(batch_size, n - start) for _, start in mine)
+                bar = tqdm(total=total, desc="evaluate", unit="sample")
+            for seed, start in mine:
+                idx = list(range(start, min(start + batch_size, n)))
+                records = _attack_chunk(
+                    defense, grad_model, attack, x[idx[0] : idx[-1] + 1],
+                    y[idx[0] : idx[-1] + 1], idx, seed, passes, votes, worst_of, classes,
+                )
+                for rec in records:
                     log.add_sample(rec)
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-        undefended = None
-        if sanity_checks and sanity_n > 0:
-            undefended = log.undefended
-            if undefended is None:
-                undefended = undefended_check(
+                if bar is not None:
+                    bar.update(len(idx))
+            if bar is not None:
+                bar.close()
+
+        agree(group, run_mine)
+        samples = dict(log.samples)
+        undefended = log.undefended
+        if group is not None:
+            for theirs, their_undefended in gather(group, (log.samples, log.undefended)):
+                for key, rec in theirs.items():
+                    samples.setdefault(key, rec)
+                undefended = undefended or their_undefended
+
+        def checks():
+            und = undefended
+            if sanity_checks and sanity_n > 0 and und is None:
+                und = undefended_check(
                     defense, attack, x[:sanity_n], y[:sanity_n], seeds[0], batch_size
                 )
-                if undefended is not None:
-                    log.set_undefended(undefended)
-        stochastic = sanity_checks and is_stochastic(defense, x[: min(4, n)])
+                if und is not None:
+                    log.set_undefended(und)
+            if not sanity_checks:
+                und = None
+            return und, sanity_checks and is_stochastic(defense, x[: min(4, n)])
+
+        undefended, stochastic = broadcast(
+            group, agree(group, lambda: checks() if rank == 0 else None)
+        )
     finally:
         log.close()
         for m, flag in zip(modules, was_training):
             m.train(flag)
-    records = [log.samples[(s, i)] for s in seeds for i in range(n)]
+    records = [samples[(s, i)] for s in seeds for i in range(n)]
     return build_report(records, seeds, n, votes, worst_of, config, attack, undefended,
                    stochastic, sanity_checks, undefended_threshold)
+
+
+def _open_logs(log_path, resume_from, config, repair: bool) -> RunLog:
+    """This process's log, with the finished samples of the logs ``resume_from`` merged in."""
+    log = RunLog(log_path, config, repair=repair)
+    try:
+        own = None if log_path is None else os.path.abspath(log_path)
+        for path in resume_from:
+            if own is None or os.path.abspath(path) != own:
+                log.merge(path)
+    except BaseException:
+        log.close()
+        raise
+    return log
