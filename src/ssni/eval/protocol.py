@@ -15,7 +15,9 @@ batched or on restarts (with ``batch_size=1`` every sample's randomness depends 
 only), and clean results (predictions, levels, score norms) are the same whatever the attack.
 With ``log_path`` every finished sample is appended to a JSONL log and flushed; a restarted
 evaluation with the same configuration skips what is done and gives the same report, and a log
-written by another configuration is refused.
+written by another configuration is refused. With ``group`` (``torch.distributed``) the ranks deal
+the chunks left to do among themselves; since a chunk's randomness does not depend on who computes
+it, the report equals the single-process one (see :mod:`ssni.eval.distributed`).
 
 AutoAttack-style sanity checks are reported as warnings: a stochastic defense attacked without
 EOT, all-zero or non-finite input gradients, points outside the threat model, and an attack that
