@@ -94,11 +94,11 @@ def test_two_ranks_give_the_single_process_report(weights, reference, tmp_path):
     assert [len(r) for r in ranks] == [TOTAL // 2] * 2  # 8 chunks each
     assert _samples(out) == _samples(reference)
     assert _report(out) == _report(reference)
-    # a rerun finds everything done and changes nothing
+    # one process on the same folder finds everything done and changes no log
     before = {name: (out / name).read_text() for name in logs}
-    proc = _torchrun(weights, out, 2)
-    assert proc.wait(timeout=300) == 0
+    _single(weights, out)
     assert {name: (out / name).read_text() for name in logs} == before
+    assert _samples(out) == _samples(reference)
     assert _report(out) == _report(reference)
 
 
@@ -177,3 +177,10 @@ def test_round_robin_shares_and_agreement():
     assert agree(None, lambda: 7) == 7
     with pytest.raises(KeyError):
         agree(None, lambda: {}["x"])
+
+
+def test_other_commands_refuse_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["presets"]) == 2
+    assert "only evaluate runs under torchrun" in capsys.readouterr().err

@@ -633,7 +633,7 @@ def register(subparsers) -> None:
         formatter_class=fmt,
     )
     _add_config_args(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, torchrun=True)
 
     p = subparsers.add_parser(
         "presets",

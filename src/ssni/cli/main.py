@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from ..errors import UsageError
 from ..io.lock import LockError
+from .distributed import launched
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -51,6 +52,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        if launched() and not getattr(args, "torchrun", False):
+            raise UsageError("this command runs as one process; only evaluate runs under torchrun")
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"ssni {args.command}: error: {err}", file=sys.stderr)
