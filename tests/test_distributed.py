@@ -19,6 +19,7 @@ import torch
 from ssni.cli.main import main
 from ssni.eval.distributed import agree, share
 from ssni.eval.log import RunLog, read_log
+from ssni.io.lock import LOCK_NAME, folder_lock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import tiny_sets, tiny_weights  # noqa: E402
@@ -84,6 +85,11 @@ def reference(weights, tmp_path_factory):
 
 def test_two_ranks_give_the_single_process_report(weights, reference, tmp_path):
     out = tmp_path / "run"
+    with folder_lock(out):  # another run holds the folder: every rank stops, nothing written
+        proc = _torchrun(weights, out, 2)
+        text = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode != 0 and "in use by another run" in text, text
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
     proc = _torchrun(weights, out, 2)
     text = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, text
