@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -78,12 +79,20 @@ def _unlock(fd: int) -> None:
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
-def _owner(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        text = os.read(fd, 256).decode("utf-8", "replace").split()
-    except OSError:
-        text = []
+def _owner(fd: int, attempts: int = 20, wait: float = 0.05) -> str:
+    """The holder's "pid host" text; the holder writes it just after locking, so an empty file
+    is read again a few times before giving up."""
+    text: list = []
+    for i in range(attempts):
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            text = os.read(fd, 256).decode("utf-8", "replace").split()
+        except OSError:
+            text = []
+        if text:
+            break
+        if i + 1 < attempts:
+            time.sleep(wait)
     if not text:
         return "pid unknown"
     return f"pid {text[0]}" + (f" on {text[1]}" if len(text) > 1 else "")
