@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "ssni.cli.demo",
     "ssni.cli.evaluate",
     "ssni.cli.learn",
+    "ssni.cli.study",
 ]
 
 
