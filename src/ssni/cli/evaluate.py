@@ -241,7 +241,7 @@ class RunResult(NamedTuple):
     seconds: float
 
 
-def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
+def run_config(cfg, out: Path, *, progress: bool, attack_setup=None) -> RunResult:
     """Evaluate one configuration into ``out`` (config.toml, log.jsonl, report files, figures).
 
     ``out`` is locked for the whole run (:class:`~ssni.io.lock.LockError` if another run holds
@@ -250,6 +250,8 @@ def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
     ``torchrun`` rank 0 holds the lock, every rank evaluates its share of the chunks into
     ``out/log.rank{r}.jsonl`` and rank 0 alone writes the other files (the other ranks return
     the same report and no files).
+    ``attack_setup`` (``(cfg, defense) -> AttackSetup``) replaces :func:`build.build_attack`
+    (attacks that the configuration keys do not name, e.g. AutoAttack-rand).
     """
     from ..eval.distributed import agree
     from ..io.lock import folder_lock
@@ -261,12 +263,12 @@ def run_config(cfg, out: Path, *, progress: bool) -> RunResult:
     # one lock for the job, held by rank 0; if rank 0 cannot take it, every rank stops
     agree(job.group, lambda: lock.acquire() if job.rank == 0 else None)
     try:
-        return _run_locked(cfg, out, progress, job)
+        return _run_locked(cfg, out, progress, job, attack_setup)
     finally:
         lock.release()
 
 
-def _run_locked(cfg, out: Path, progress: bool, job) -> RunResult:
+def _run_locked(cfg, out: Path, progress: bool, job, attack_setup=None) -> RunResult:
     from ..eval import reports
     from ..eval.distributed import share_buffers
     from ..eval.protocol import evaluate
@@ -286,7 +288,7 @@ def _run_locked(cfg, out: Path, progress: bool, job) -> RunResult:
     if fitting:
         share_buffers(job.group, parts.policy)
     x, y = build.eval_images(local)
-    setup = build.build_attack(local, parts.defense)
+    setup = (attack_setup or build.build_attack)(local, parts.defense)
     log.info(
         "%s: %d images, %s%s", cfg.name, x.shape[0], setup.description,
         f", {job.world_size} ranks" if job.distributed else "",

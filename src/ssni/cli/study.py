@@ -26,12 +26,10 @@ changed is refused (random streams or algorithms may differ) unless ``--accept-c
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
 import logging
-import math
 import os
 import subprocess
 import time
@@ -65,6 +63,8 @@ CALIB_N = 128
 CALIB_RESOLUTION = 0.02
 CALIB_BIASES: Tuple[float, ...] = (0.0, 0.02, 0.05)
 CALIB_TAUS: Tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: The calibration attack (iterations, EOT) against constant t*, as `ssni calibrate`'s defaults.
+CALIB_ATTACK: Tuple[int, int] = (10, 1)
 #: Samples per chunk (fixes the random streams; the unit of resumption).
 CLEAN_BATCH = 100
 ROW_BATCH = 32
@@ -73,7 +73,6 @@ ROW_BATCH = 32
 BASE: Dict[str, Any] = {
     "dataset": "fashion-mnist",
     "split": "test",
-    "n": ROBUST_N,
     "subset_seed": 0,
     "score_model": "fmnist-unet",
     "classifier": "fmnist-cnn",
@@ -260,10 +259,10 @@ def accounted(out: Path, stage: str, done: callable) -> Iterator[None]:
 
 
 def base_config(**changes: Any):
-    """The study's RunConfig with ``changes``."""
+    """The study's RunConfig (``ROBUST_N`` images) with ``changes``."""
     from .config import RunConfig
 
-    return RunConfig().replace(**{**BASE, **changes})
+    return RunConfig().replace(**{"n": ROBUST_N, **BASE, **changes})
 
 
 def level_name(t: float) -> str:
@@ -421,7 +420,388 @@ def choose_t_star(root: Path) -> TStarChoice:
     return TStarChoice(chosen, rows, reason)
 
 
-# ----------------------------------------------------------------------------- runner
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class Stage:
+    """One resumable unit of the study: ``kind`` picks its runner, ``spec`` its settings."""
+
+    name: str
+    kind: str
+    spec: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        """Folder of the stage under the study folder."""
+        return self.spec.get("dir", self.name)
+
+
+def row_name(purifier: str, policy: str, attack: str, eps: float) -> str:
+    return f"{purifier}-{policy}-{attack}-eps{eps:.3f}"
+
+
+def row_stage(purifier: str, policy: str, attack: str, eps: float, seed: int) -> Stage:
+    name = row_name(purifier, policy, attack, eps)
+    spec = {"purifier": purifier, "policy": policy, "attack": attack, "eps": eps, "seed": seed}
+    return Stage(f"{name}/seed{seed}", "row", {**spec, "dir": f"rows/{name}/seed{seed}"})
+
+
+POLICIES = ("constant", "ssni-n", "ssni-l")
+
+
+def study_plan() -> List[Stage]:
+    """The ordered stages: cheap and decisive first, then one seed of every main row so that a
+    paired comparison exists early, then the other seeds, attacks, eps and purifiers."""
+    plan = [Stage("clean-decisive", "clean", {"levels": [0.05, 0.1, 0.2]})]
+    plan += [
+        Stage(f"undefended-{a}-eps{e:.3f}", "undefended",
+              {"attack": a, "eps": e, "dir": f"undefended/{a}-eps{e:.3f}"})
+        for a, e in (("pgd", EPS_MAIN), ("pgd", EPS_SMALL), ("autoattack", EPS_MAIN))
+    ]
+    plan.append(Stage("calibrate-table", "calib-table", {"dir": "calibrate/table"}))
+    plan.append(Stage("calibrate-select", "calib-select", {"dir": "calibrate"}))
+    main = [("diffpure", p, "pgd", EPS_MAIN) for p in POLICIES]
+    plan += [row_stage(*r, SEEDS[0]) for r in main]
+    plan += [row_stage(*r, s) for s in SEEDS[1:] for r in main]
+    later = (
+        [("diffpure", p, "bpda", EPS_MAIN) for p in POLICIES]
+        + [("diffpure", p, "pgd", EPS_SMALL) for p in POLICIES]
+        + [(b, p, "pgd", EPS_MAIN) for b in ("gdmp", "gns") for p in POLICIES]
+        + [("diffpure", p, "autoattack", EPS_MAIN) for p in POLICIES]
+        + [("diffpure", p, "aware", EPS_MAIN) for p in ("ssni-n", "ssni-l")]
+    )
+    plan += [row_stage(*r, SEEDS[0]) for r in later]
+    plan.append(Stage("clean-curve", "clean", {"levels": [0.3, 0.5]}))
+    plan.append(Stage("analyze-t", "adv-grid", {"dir": "analyze-t"}))
+    plan += [row_stage(*r, s) for s in SEEDS[1:] for r in later[:9]]
+    return plan
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _log_count(path: Path) -> int:
+    return len(read_log(path)[1])
+
+
+def stage_status(stage: Stage, out: Path) -> Tuple[int, int]:
+    """``(samples done, samples needed)`` of a stage."""
+    if stage.kind == "clean":
+        done = sum(_log_count(out / "clean" / level_name(t) / "log.jsonl")
+                   for t in stage.spec["levels"])
+        return done, CLEAN_N * len(stage.spec["levels"])
+    if stage.kind == "calib-select":
+        got = sum((out / "calibrate" / p / "policy.json").is_file() for p in ("ssni-n", "ssni-l"))
+        return got, 2
+    need = {"calib-table": CALIB_N, "adv-grid": ANALYZE_N}.get(stage.kind, ROBUST_N)
+    return _log_count(out / stage.path / "log.jsonl"), need
+
+
+def describe(done: int, need: int) -> str:
+    if done >= need:
+        return "complete"
+    return f"partial {done}/{need}" if done else "not run"
+
+
+def stage_blocked(stage: Stage, out: Path) -> str:
+    """Why a stage cannot run yet ("" if it can)."""
+    if stage.kind in ("undefended", "clean"):
+        return ""
+    choice = choose_t_star(out)
+    if choice.t_star is None:
+        return "t* not decided: " + choice.reason
+    if stage.kind == "calib-select" and _log_count(out / "calibrate/table/log.jsonl") < CALIB_N:
+        return "calibration table incomplete"
+    if stage.kind == "row" and stage.spec["policy"] != "constant":
+        if not (out / "calibrate" / stage.spec["policy"] / "policy.json").is_file():
+            return "calibration not done"
+    if stage.kind == "adv-grid" and not (out / "calibrate" / "ssni-n" / "policy.json").is_file():
+        return "calibration not done"
+    return ""
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def _threat(eps: float):
+    from .. import attacks
+
+    return attacks.ThreatModel("Linf", float(eps))
+
+
+def undefended_attack(kind: str, eps: float):
+    """The study's attack on the classifier alone (deterministic: one gradient per step)."""
+    from .. import attacks
+
+    threat = _threat(eps)
+    if kind == "autoattack":
+        return attacks.autoattack_rand(threat, steps=BASE["iterations"], eot=1)
+    return attacks.PGD(threat, steps=BASE["iterations"], step_size=eps / 10, eot=1)
+
+
+def _run_undefended(stage: Stage, out: Path, accept_change: bool) -> None:
+    from ..eval.protocol import evaluate
+    from . import build
+
+    d = out / stage.path
+    check_identity(d, "attack", accept_change)
+    cfg = base_config()
+    classifier = build.build_classifier(cfg)
+    x, y = build.eval_images(cfg)
+    attack = undefended_attack(stage.spec["attack"], stage.spec["eps"])
+    with accounted(out, stage.name, lambda: _log_count(d / "log.jsonl")):
+        evaluate(classifier, attack, (x, y), seeds=[SEEDS[0]], batch_size=ROW_BATCH,
+                 log_path=d / "log.jsonl", sanity_checks=False)
+
+
+def row_config(stage: Stage, out: Path):
+    """The RunConfig of a row stage (t* from the clean stage, policy from calibration)."""
+    spec = stage.spec
+    t_star = choose_t_star(out).t_star
+    changes: Dict[str, Any] = {
+        "name": stage.name.replace("/", "-"),
+        "t_star": t_star,
+        "eps": spec["eps"],
+        "step_size": spec["eps"] / 10,
+        "seeds": [spec["seed"]],
+        "purifier": spec["purifier"],
+    }
+    if spec["attack"] == "bpda":
+        changes["gradient"] = "bpda"
+    if spec["attack"] == "aware":
+        changes["adaptive_t"] = True
+    if spec["purifier"] == "gdmp":
+        changes.update(gdmp_rounds=2, gdmp_scale=9.33837890625)
+    if spec["purifier"] == "gns":
+        changes["gns_stages"] = [round(f * t_star, 6) for f in (0.3, 0.5, 1.0)]
+    if spec["policy"] != "constant":
+        changes["policy_file"] = str((out / "calibrate" / spec["policy"] / "policy.json").resolve())
+    cfg = base_config(**changes)
+    from . import build
+
+    implied = build.policy_overrides(cfg)
+    return cfg.replace(**implied) if implied else cfg
+
+
+def autoattack_setup(cfg, defense):
+    """AutoAttack-rand (APGD-CE then APGD-DLR, each ``iterations`` x EOT ``eot``) with the
+    configured gradient estimator (the surrogate)."""
+    from .. import attacks
+    from . import build
+
+    base = build.build_attack(cfg, defense)
+    attack = attacks.autoattack_rand(
+        base.attack.threat, steps=cfg.iterations, eot=cfg.eot, gradient=base.attack.gradient
+    )
+    desc = base.description.replace("PGD", "AutoAttack-rand(APGD-CE,APGD-DLR)")
+    return build.AttackSetup(attack, base.target, desc)
+
+
+def _run_row(stage: Stage, out: Path, accept_change: bool) -> None:
+    from .evaluate import run_config
+
+    d = out / stage.path
+    check_identity(d, "attack", accept_change)
+    cfg = row_config(stage, out)
+    setup = autoattack_setup if stage.spec["attack"] == "autoattack" else None
+    with accounted(out, stage.name, lambda: _log_count(d / "log.jsonl")):
+        run_config(cfg, d, progress=False, attack_setup=setup)
+
+
+def _validation(cfg):
+    from . import build
+
+    xv, yv = build.load_images(cfg, "val", STATS_N + CALIB_N, cfg.subset_seed)
+    return xv[:STATS_N], xv[STATS_N:], yv[STATS_N:]
+
+
+def _ssni(cfg, model, reweight: str):
+    from ..core.policies import SSNI
+
+    return SSNI(model, t_star=cfg.t_star, reweight=reweight, levels=cfg.levels)
+
+
+def calibration_grid(t_star: float):
+    from ..eval.calibrate import level_grid
+
+    return level_grid(t_star, CALIB_BIASES, CALIB_RESOLUTION)
+
+
+def _run_calib_table(stage: Stage, out: Path, accept_change: bool) -> None:
+    """Correctness of clean and adversarial validation images over the calibration grid and
+    their EPS norms, per chunk (the adversarial ones: the study's cheap calibration attack,
+    10 iterations x EOT 1 through the surrogate, against constant t*)."""
+    from ..core.defense import Defense
+    from ..core.policies import Constant
+    from ..eval.calibrate import correctness_table
+    from ..eval.log import RunLog, fingerprint_data, fingerprint_module
+    from ..eval.streams import keyed_generator
+    from . import build
+
+    d = out / stage.path
+    check_identity(d, "attack", accept_change)
+    cfg = base_config(t_star=choose_t_star(out).t_star)
+    model = build.build_score_model(cfg)
+    classifier = build.build_classifier(cfg)
+    purifier = build.build_purifier(cfg, model)
+    _, x, y = _validation(cfg)
+    base = Defense(classifier, purifier, Constant(cfg.t_star))
+    setup = build.build_attack(cfg, base, iterations=CALIB_ATTACK[0], eot=CALIB_ATTACK[1])
+    probe = _ssni(cfg, model, "sigmoid")
+    grid = calibration_grid(cfg.t_star)
+    seed = SEEDS[0]
+    config = {
+        "stage": "calib-table",
+        "t_star": cfg.t_star,
+        "grid": grid.tolist(),
+        "attack": setup.attack.config(),
+        "defense": repr(base),
+        "score_model": fingerprint_module(model),
+        "classifier": fingerprint_module(classifier),
+        "data": {"n": x.shape[0], "sha256": fingerprint_data(x, y), "split": "val"},
+        "levels": cfg.levels,
+        "seed": seed,
+        "batch_size": ROW_BATCH,
+    }
+    lg = RunLog(d / "log.jsonl", config)
+    try:
+        with accounted(out, stage.name, lambda: len(lg.samples)):
+            for start in range(0, x.shape[0], ROW_BATCH):
+                idx = list(range(start, min(start + ROW_BATCH, x.shape[0])))
+                if all((seed, i) in lg.samples for i in idx):
+                    continue
+                xb, yb = x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1]
+                g = [keyed_generator(x.device, seed, start, k) for k in range(5)]
+                x_adv = setup.attack(setup.target, xb, yb, g[0])
+                with torch.no_grad():
+                    e_clean = probe.score_norm(xb, generator=g[1])
+                    e_adv = probe.score_norm(x_adv, generator=g[2])
+                ct = correctness_table(purifier, classifier, xb, yb, grid, votes=1,
+                                       batch_size=ROW_BATCH, generator=g[3], progress=None)
+                at = correctness_table(purifier, classifier, x_adv, yb, grid, votes=1,
+                                       batch_size=ROW_BATCH, generator=g[4], progress=None)
+                for j, i in enumerate(idx):
+                    lg.add_sample({
+                        "seed": seed, "index": i, "label": int(yb[j]),
+                        "e_clean": float(e_clean[j]), "e_adv": float(e_adv[j]),
+                        "clean": [int(v) for v in ct[j].tolist()],
+                        "adv": [int(v) for v in at[j].tolist()],
+                    })
+                log.info("calibration table: %d/%d images", len(lg.samples), x.shape[0])
+    finally:
+        lg.close()
+
+
+def _run_calib_select(stage: Stage, out: Path, accept_change: bool) -> None:
+    """Clean statistics on ``STATS_N`` validation images, then tau and b for SSNI-N and SSNI-L
+    from the logged table (max clean accuracy with robust >= constant t*'s)."""
+    from ..eval.calibrate import save_policy, select
+    from ..eval.streams import keyed_generator
+    from . import build
+
+    d = out / stage.path
+    check_identity(d, "attack", accept_change)
+    cfg = base_config(t_star=choose_t_star(out).t_star)
+    model = build.build_score_model(cfg)
+    x_stats, _, _ = _validation(cfg)
+    config, recs = read_log(d / "table" / "log.jsonl")
+    recs = sorted(recs, key=lambda r: r["index"])
+    grid = torch.tensor(config["grid"], dtype=torch.float64)
+    e_clean = torch.tensor([r["e_clean"] for r in recs], dtype=torch.float64)
+    e_adv = torch.tensor([r["e_adv"] for r in recs], dtype=torch.float64)
+    clean_tab = torch.tensor([r["clean"] for r in recs], dtype=torch.bool)
+    adv_tab = torch.tensor([r["adv"] for r in recs], dtype=torch.bool)
+    with accounted(out, stage.name, lambda: 0):
+        for name, reweight in (("ssni-n", "sigmoid"), ("ssni-l", "linear")):
+            path = d / name / "policy.json"
+            if path.is_file():
+                continue
+            policy = _ssni(cfg, model, reweight)
+            gen = keyed_generator(torch.device("cpu"), SEEDS[0], 0, 99)
+            policy.fit((x_stats[i : i + 100] for i in range(0, STATS_N, 100)), generator=gen)
+            result = select(policy, e_clean, e_adv, clean_tab, adv_tab, grid,
+                            taus=CALIB_TAUS, biases=CALIB_BIASES, n_stats=STATS_N)
+            info = {"calibration": result.to_dict(), "stats_split": "val",
+                    "attack": config["attack"], "code": code_commit()}
+            _write_json(d / name / "calibration.json", result.to_dict())
+            save_policy(path, policy, info=info)
+
+
+def _run_clean_stage(stage: Stage, out: Path, accept_change: bool) -> None:
+    run_clean(out, stage.spec["levels"], seed=SEEDS[0], accept_change=accept_change)
+
+
+def _run_adv_grid(stage: Stage, out: Path, accept_change: bool) -> None:
+    """Adversarial images against constant t* (the main attack) on ``ANALYZE_N`` test images,
+    their correctness at every level of ``T_GRID`` and SSNI-N's t(x) of clean and adversarial
+    inputs (the clean correctness comes from the clean stage, same images)."""
+    from ..core.defense import Defense
+    from ..core.policies import Constant
+    from ..eval.analysis import correctness_grid
+    from ..eval.calibrate import load_policy
+    from ..eval.log import RunLog, fingerprint_data, fingerprint_module
+    from ..eval.streams import keyed_generator
+    from . import build
+
+    d = out / stage.path
+    check_identity(d, "attack", accept_change)
+    cfg = base_config(t_star=choose_t_star(out).t_star, n=ANALYZE_N)
+    model = build.build_score_model(cfg)
+    classifier = build.build_classifier(cfg)
+    purifier = build.build_purifier(cfg, model)
+    policy = load_policy(out / "calibrate" / "ssni-n" / "policy.json", model)
+    x, y = build.eval_images(cfg)
+    base = Defense(classifier, purifier, Constant(cfg.t_star))
+    setup = build.build_attack(cfg, base)
+    seed = SEEDS[0]
+    config = {
+        "stage": "adv-grid",
+        "t_star": cfg.t_star,
+        "grid": list(T_GRID),
+        "attack": setup.attack.config(),
+        "defense": repr(base),
+        "score_model": fingerprint_module(model),
+        "classifier": fingerprint_module(classifier),
+        "policy": fingerprint_module(policy),
+        "data": {"n": x.shape[0], "sha256": fingerprint_data(x, y), "split": "test"},
+        "seed": seed,
+        "batch_size": ROW_BATCH,
+    }
+    lg = RunLog(d / "log.jsonl", config)
+    try:
+        with accounted(out, stage.name, lambda: len(lg.samples)):
+            for start in range(0, x.shape[0], ROW_BATCH):
+                idx = list(range(start, min(start + ROW_BATCH, x.shape[0])))
+                if all((seed, i) in lg.samples for i in idx):
+                    continue
+                xb, yb = x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1]
+                g = [keyed_generator(x.device, seed, start, k) for k in range(4)]
+                x_adv = setup.attack(setup.target, xb, yb, g[0])
+                table = correctness_grid(purifier, classifier, x_adv, yb, T_GRID,
+                                         batch_size=ROW_BATCH, generator=g[1])
+                with torch.no_grad():
+                    t_clean = policy(xb, generator=g[2])
+                    t_adv = policy(x_adv, generator=g[3])
+                for j, i in enumerate(idx):
+                    lg.add_sample({
+                        "seed": seed, "index": i, "label": int(yb[j]),
+                        "adv": [int(v) for v in table[j].tolist()],
+                        "t_clean": float(t_clean[j]), "t_adv": float(t_adv[j]),
+                    })
+                log.info("analyze-t: %d/%d images", len(lg.samples), x.shape[0])
+    finally:
+        lg.close()
+
+
+RUNNERS = {
+    "clean": _run_clean_stage,
+    "undefended": _run_undefended,
+    "calib-table": _run_calib_table,
+    "calib-select": _run_calib_select,
+    "row": _run_row,
+    "adv-grid": _run_adv_grid,
+}
 
 
 def cmd_run(args) -> int:
@@ -431,74 +811,41 @@ def cmd_run(args) -> int:
         unpack(Path(args.resume_from), out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = study_plan(out)
     if args.list:
-        for stage in plan:
-            print(f"{stage.name:<48} {stage.status(out)}")
+        for stage in study_plan():
+            state = describe(*stage_status(stage, out))
+            why = stage_blocked(stage, out) if state != "complete" else ""
+            print(f"{stage.name:<44} {state:<16} {why}".rstrip())
         return 0
-    only = set(args.only or [])
-    for stage in plan:
-        if only and not any(stage.name.startswith(o) for o in only):
+    only = list(args.only or [])
+    failed: set = set()
+    while True:
+        todo = None
+        for stage in study_plan():
+            if stage.name in failed or (only and not any(stage.name.startswith(o) for o in only)):
+                continue
+            done, need = stage_status(stage, out)
+            if done >= need:
+                continue
+            why = stage_blocked(stage, out)
+            if why:
+                continue
+            todo = stage
+            break
+        if todo is None:
+            log.info("nothing left to run (stages still waiting are listed by --list)")
+            return 1 if failed else 0
+        log.info("%s: starting (%s)", todo.name, describe(*stage_status(todo, out)))
+        try:
+            RUNNERS[todo.kind](todo, out, args.accept_code_change)
+        except StudyError as err:
+            log.error("%s: %s", todo.name, err)
+            failed.add(todo.name)
             continue
-        state = stage.status(out)
-        if state == "complete":
-            continue
-        blocked = stage.blocked(out)
-        if blocked:
-            log.info("%s: waiting (%s)", stage.name, blocked)
-            continue
-        log.info("%s: starting (%s)", stage.name, state)
-        stage.run(out, accept_change=args.accept_code_change)
-        # a stage may decide t*: rebuild the plan so later stages see it
-        plan = study_plan(out)
-    return 0
-
-
-@dataclass
-class Stage:
-    """One resumable unit of the study."""
-
-    name: str
-    kind: str
-    spec: Dict[str, Any]
-
-    def status(self, out: Path) -> str:
-        return stage_status(self, out)
-
-    def blocked(self, out: Path) -> str:
-        return stage_blocked(self, out)
-
-    def run(self, out: Path, *, accept_change: bool) -> None:
-        RUNNERS[self.kind](self, out, accept_change)
-
-
-def stage_status(stage: Stage, out: Path) -> str:
-    if stage.kind == "clean":
-        done = [len(read_log(out / "clean" / level_name(t) / "log.jsonl")[1])
-                for t in stage.spec["levels"]]
-        total = CLEAN_N * len(done)
-        if sum(done) >= total:
-            return "complete"
-        return f"partial {sum(done)}/{total}" if sum(done) else "not run"
-    return "not run"
-
-
-def stage_blocked(stage: Stage, out: Path) -> str:
-    return ""
-
-
-def _run_clean_stage(stage: Stage, out: Path, accept_change: bool) -> None:
-    run_clean(out, stage.spec["levels"], seed=SEEDS[0], accept_change=accept_change)
-
-
-RUNNERS = {"clean": _run_clean_stage}
-
-
-def study_plan(out: Path) -> List[Stage]:
-    """The ordered stages (cheap and decisive first)."""
-    plan = [Stage("clean-decisive", "clean", {"levels": [0.05, 0.1, 0.2]})]
-    plan.append(Stage("clean-curve", "clean", {"levels": [0.3, 0.5]}))
-    return plan
+        if stage_status(todo, out)[0] < stage_status(todo, out)[1]:
+            log.error("%s: stopped before completion", todo.name)
+            failed.add(todo.name)
+        log.info("%s: %s", todo.name, describe(*stage_status(todo, out)))
 
 
 # ----------------------------------------------------------------------------- pack / unpack

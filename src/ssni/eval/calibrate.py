@@ -50,6 +50,8 @@ __all__ = [
     "policy_state",
     "CalibrationResult",
     "calibrate",
+    "select",
+    "admissible_biases",
     "snap",
     "level_grid",
     "correctness_table",
@@ -395,30 +397,68 @@ def calibrate(
                 progress(x_stats[i : i + batch_size].shape[0])
 
     policy.fit(stats_batches(), generator=generator)
-    std = float(policy.norm_std)
     e_clean = _norms(policy, x_cal, batch_size, generator, progress)
     e_adv = _norms(policy, x_adv, batch_size, generator, progress)
+    grid = level_grid(policy.t_star, admissible_biases(policy, biases), resolution)
+    table_kw = dict(votes=votes, batch_size=batch_size, generator=generator, progress=progress)
+    clean_tab = correctness_table(purifier, classifier, x_cal, y_cal, grid, **table_kw)
+    adv_tab = correctness_table(purifier, classifier, x_adv, y_cal, grid, **table_kw)
+    return select(
+        policy, e_clean, e_adv, clean_tab, adv_tab, grid,
+        taus=taus, biases=biases, objective=objective, min_robust=min_robust, weight=weight,
+        n_stats=int(x_stats.shape[0]),
+    )
 
+
+def admissible_biases(policy: SSNI, biases: Sequence[float]) -> List[float]:
+    """The biases with ``0 < t* + b <= 1`` (and ``b >= 0`` for SSNI-L); ValueError if none."""
     linear = policy.reweight == "linear"
-    tau_values = [None] if linear else [float(m) * std for m in taus]
-    pairs = []
+    out = []
     for b in biases:
         top = policy.t_star + float(b)
         if not 0.0 < top <= 1.0 or (linear and b < 0):
             log.info("skipping bias %g (t* + b = %g, policy %s)", b, top, policy.reweight)
             continue
-        for tau in tau_values:
-            if tau is not None and not tau > 0:
-                continue
-            pairs.append((tau, float(b)))
+        out.append(float(b))
+    if not out:
+        raise ValueError("no admissible (tau, bias) pair in the grid")
+    return out
+
+
+def select(
+    policy: SSNI,
+    e_clean: Tensor,
+    e_adv: Tensor,
+    clean_tab: Tensor,
+    adv_tab: Tensor,
+    grid: Tensor,
+    *,
+    taus: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
+    biases: Sequence[float] = (0.0, 0.025, 0.05, 0.1),
+    objective: str = "constrained",
+    min_robust: float = -1.0,
+    weight: float = 0.5,
+    n_stats: int = 0,
+) -> CalibrationResult:
+    """The grid search of :func:`calibrate` on precomputed inputs: EPS norms ``(N,)`` of the
+    clean and adversarial calibration images, their correctness tables ``(N, T)`` over the
+    levels ``grid`` ``(T,)`` (0 = no purification; see :func:`level_grid`). ``policy`` must be
+    fitted; it receives the chosen ``tau`` and ``bias``."""
+    if objective not in ("constrained", "weighted"):
+        raise ValueError(f"objective must be 'constrained' or 'weighted', got {objective!r}")
+    std = float(policy.norm_std)
+    linear = policy.reweight == "linear"
+    tau_values = [None] if linear else [float(m) * std for m in taus]
+    pairs = [
+        (tau, b)
+        for b in admissible_biases(policy, biases)
+        for tau in tau_values
+        if tau is None or tau > 0
+    ]
     if not pairs:
         raise ValueError("no admissible (tau, bias) pair in the grid")
-
-    grid = level_grid(policy.t_star, [b for _, b in pairs], resolution)
-    table_kw = dict(votes=votes, batch_size=batch_size, generator=generator, progress=progress)
-    clean_tab = correctness_table(purifier, classifier, x_cal, y_cal, grid, **table_kw)
-    adv_tab = correctness_table(purifier, classifier, x_adv, y_cal, grid, **table_kw)
-    rows = torch.arange(x_cal.shape[0])
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    rows = torch.arange(clean_tab.shape[0])
 
     def accuracy(tab: Tensor, t: Tensor) -> float:
         return float(tab[rows, snap(t, grid)].double().mean())
@@ -474,6 +514,6 @@ def calibrate(
         chosen=dict(best),
         table=table,
         t_grid=grid.tolist(),
-        n_stats=int(x_stats.shape[0]),
-        n_calibration=int(x_cal.shape[0]),
+        n_stats=int(n_stats),
+        n_calibration=int(clean_tab.shape[0]),
     )
