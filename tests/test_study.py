@@ -131,3 +131,20 @@ def test_study_runs_resumes_packs_and_reports(tiny, tmp_path):
     assert main(["study", "run", "--out", str(again), "--resume-from", str(packed), *only]) == 0
     resumed = again / "rows" / "diffpure-ssni-n-pgd-eps0.100" / "seed121" / "log.jsonl"
     assert resumed.read_bytes() == logs[row]
+
+
+def test_sessions_count_the_last_line_of_each_session(tmp_path, monkeypatch):
+    monkeypatch.setattr(st, "HEARTBEAT_S", 0.05)
+    n = {"done": 0}
+    with st.accounted(tmp_path, "s", lambda: n["done"]):
+        import time
+
+        n["done"] = 3
+        time.sleep(0.3)
+        n["done"] = 5
+    with st.accounted(tmp_path, "s", lambda: n["done"]):
+        n["done"] = 6
+    lines = (tmp_path / "sessions.jsonl").read_text().splitlines()
+    assert len(lines) > 2  # heartbeats, then the final lines
+    agg = sr.sessions(tmp_path)["s"]
+    assert agg["samples"] == 6 and agg["sessions"] == 2

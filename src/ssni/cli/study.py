@@ -31,12 +31,14 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -227,32 +229,61 @@ class _CallCounter:
             self.calls += 1
 
 
+HEARTBEAT_S = 60.0
+
+
 @contextmanager
-def accounted(out: Path, stage: str, done: callable) -> Iterator[None]:
-    """Append one line to ``out/sessions.jsonl``: wall seconds, samples done before/after and
-    images through the score network during the block (``done()`` counts finished samples)."""
+def accounted(out: Path, stage: str, done: Callable[[], int]) -> Iterator[None]:
+    """Record a session of ``stage`` in ``out/sessions.jsonl``: wall seconds, samples done
+    before/now (``done()`` counts finished samples) and images through the score network.
+
+    A line is appended every ``HEARTBEAT_S`` seconds and at the end, all with the same
+    ``session`` id; readers keep the last line of each session, so a killed run loses at most
+    one heartbeat of accounting."""
     counter = _CallCounter()
     handle = torch.nn.modules.module.register_module_forward_hook(counter)
     before = done()
     start = time.time()
     t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        handle.remove()
+    session = f"{os.getpid()}-{start:.3f}"
+    commit = code_commit()
+    lock = threading.Lock()
+
+    def write(final: bool) -> None:
         rec = {
             "stage": stage,
+            "session": session,
             "start": start,
             "seconds": time.perf_counter() - t0,
             "samples_before": before,
             "samples_after": done(),
             "net_images": counter.images,
             "net_calls": counter.calls,
-            "commit": code_commit(),
+            "commit": commit,
             "threads": torch.get_num_threads(),
+            "final": final,
         }
-        with open(out / "sessions.jsonl", "a", encoding="utf-8") as f:
+        with lock, open(out / "sessions.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                write(False)
+            except Exception:  # noqa: BLE001 - accounting must never stop the study
+                log.debug("heartbeat failed", exc_info=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        handle.remove()
+        write(True)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -804,7 +835,13 @@ RUNNERS = {
 }
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_run(args) -> int:
+    # SIGTERM ends the run like Ctrl-C: logs are closed and the session is recorded
+    signal.signal(signal.SIGTERM, _terminate)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume_from:

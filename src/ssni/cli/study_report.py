@@ -68,27 +68,32 @@ def ci_text(m: float, lo: float, hi: float) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def sessions(root: Path) -> Dict[str, Dict[str, float]]:
-    """Per stage: wall seconds, samples done and score-network images over all sessions."""
-    out: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
+def sessions(root: Path) -> Dict[str, Dict[str, Any]]:
+    """Per stage: wall seconds, samples done and score-network images over all sessions (the
+    last line of each session counts)."""
+    import gzip
+
+    last: Dict[str, dict] = {}
     for p in (root / "sessions.jsonl", root / "sessions.jsonl.gz"):
         if p.is_file():
-            import gzip
-
             opener = gzip.open if p.suffix == ".gz" else open
             with opener(p, "rt", encoding="utf-8") as f:
-                for line in f:
+                for k, line in enumerate(f):
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    s = out[rec["stage"]]
-                    s["seconds"] += rec["seconds"]
-                    s["samples"] += max(0, rec["samples_after"] - rec["samples_before"])
-                    s["net_images"] += rec.get("net_images", 0)
-                    s["sessions"] += 1
-                    s.setdefault("commits", set()).add(rec.get("commit", "?"))
+                    last[rec.get("session", f"line{k}")] = rec
             break
+    out: Dict[str, Dict[str, Any]] = {}
+    for rec in last.values():
+        s = out.setdefault(rec["stage"], {"seconds": 0.0, "samples": 0.0, "net_images": 0.0,
+                                          "sessions": 0, "commits": set()})
+        s["seconds"] += rec["seconds"]
+        s["samples"] += max(0, rec["samples_after"] - rec["samples_before"])
+        s["net_images"] += rec.get("net_images", 0)
+        s["sessions"] += 1
+        s["commits"].add(rec.get("commit", "?"))
     return out
 
 
@@ -435,7 +440,7 @@ def _conclusion(root: Path, t_star: Optional[float]) -> List[str]:
     if t_star is None:
         return out + [
             "No conclusion yet: the clean-accuracy stage that picks t* is not finished, so no "
-            "attacked row has run. The numbers above are partial and only describe clean "
+            "attacked row has run. The numbers below are partial and only describe clean "
             "purification.",
             "",
         ]
@@ -558,14 +563,14 @@ def write_results(root: Path, docs: Path, figures: Path) -> List[Path]:
                            stage_time)
     lines += _attack_block(root, "GNS, PGD-EOT eps = 0.1", "gns", "pgd", st.EPS_MAIN, stage_time)
     lines += _analyze_section(root, figures, rel, t_star)
-    lines += _stage_list(plan, states, stage_time)
+    lines += _stage_list(plan, states, stage_time, root)
     lines += _howto()
     text = "\n".join(lines).rstrip() + "\n"
     docs.write_text(text, encoding="utf-8")
     return [docs, figures]
 
 
-def _stage_list(plan, states, stage_time) -> List[str]:
+def _stage_list(plan, states, stage_time, root: Path) -> List[str]:
     lines = [
         "## Stages, wall time and network calls",
         "",
@@ -573,8 +578,9 @@ def _stage_list(plan, states, stage_time) -> List[str]:
         "it, so seconds are an upper bound of the cost); network calls count images through the "
         "score network, attack and final predictions included.",
         "",
-        "| stage | state | wall time | samples this far | net calls per sample |",
-        "|---|---|---:|---:|---:|",
+        "| stage | state | wall time | samples this far | net calls per sample | "
+        "time left at this pace |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for s in plan:
         rec = stage_time.get(s.name)
@@ -584,7 +590,11 @@ def _stage_list(plan, states, stage_time) -> List[str]:
         secs = "-" if not rec else f"{rec['seconds'] / 3600:.2f} h"
         per = "-" if not rec or not rec["samples"] else f"{rec['net_images'] / rec['samples']:,.0f}"
         samples = "-" if not rec else f"{rec['samples']:.0f}"
-        lines.append(f"| {s.name} | {states[s.name]} | {secs} | {samples} | {per} |")
+        left = "-"
+        done, need = st.stage_status(s, root)
+        if rec and rec["samples"] and done < need:
+            left = f"{(need - done) * rec['seconds'] / rec['samples'] / 3600:.1f} h"
+        lines.append(f"| {s.name} | {states[s.name]} | {secs} | {samples} | {per} | {left} |")
     return lines + [""]
 
 
