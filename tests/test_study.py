@@ -148,3 +148,29 @@ def test_sessions_count_the_last_line_of_each_session(tmp_path, monkeypatch):
     assert len(lines) > 2  # heartbeats, then the final lines
     agg = sr.sessions(tmp_path)["s"]
     assert agg["samples"] == 6 and agg["sessions"] == 2
+
+
+def test_changed_code_resumes_a_stage_only_if_its_first_chunk_replays(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(st, "CLEAN_BATCH", 2)
+    out = tmp_path / "run"
+    assert main(["study", "run", "--out", str(out), "--only", "clean-decisive"]) == 0
+    d = out / "clean" / st.level_name(0.001)
+    full = (d / "log.jsonl").read_text().splitlines(keepends=True)
+
+    def other_code_and_lost_chunk(edit=None):
+        lines = list(full[:-2])  # the second chunk is lost
+        if edit:
+            lines[1] = edit(lines[1])
+        (d / "log.jsonl").write_text("".join(lines))
+        doc = json.loads((d / "identity.json").read_text())
+        (d / "identity.json").write_text(json.dumps({**doc, "code": "0" * 16}))
+
+    other_code_and_lost_chunk()
+    assert main(["study", "run", "--out", str(out), "--only", "clean-decisive"]) == 0
+    assert (d / "log.jsonl").read_text() == "".join(full)
+    history = json.loads((d / "identity.json").read_text())["history"]
+    assert "replays identically" in history[-1]["how"]
+    flip = '"correct": false' if '"correct": true' in full[1] else '"correct": true'
+    other_code_and_lost_chunk(lambda line: line.replace('"correct": true', flip)
+                              .replace('"correct": false', flip))
+    assert main(["study", "run", "--out", str(out), "--only", "clean-decisive"]) == 1

@@ -181,20 +181,34 @@ def code_commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def check_identity(stage_dir: Path, kind: str, accept_change: bool) -> Dict[str, Any]:
-    """Write or check ``stage_dir/identity.json``; StudyError if the code changed."""
+def check_identity(
+    stage_dir: Path,
+    kind: str,
+    accept_change: bool,
+    verify: Optional[Callable[[], bool]] = None,
+) -> Dict[str, Any]:
+    """Write or check ``stage_dir/identity.json``.
+
+    When the code fingerprint changed, the stage is extended only if ``accept_change`` is set or
+    ``verify()`` (e.g. a replay of the first logged chunk with this code) returns True; either
+    is recorded in the file's ``history``. Otherwise StudyError."""
     path = stage_dir / "identity.json"
     now = {"code": code_fingerprint(kind), "commit": code_commit(), "kind": kind}
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("code") != now["code"]:
-            if not accept_change:
+            how = "accepted (--accept-code-change)" if accept_change else ""
+            if not how and verify is not None:
+                log.info("%s: code changed; replaying the first logged chunk", stage_dir)
+                if verify():
+                    how = "verified: the first logged chunk replays identically"
+            if not how:
                 raise StudyError(
                     f"{stage_dir}: written by code {old.get('code')} (commit {old.get('commit')}),"
                     f" this code is {now['code']} (commit {now['commit']}); results would mix "
                     "code versions: use another --out, or --accept-code-change"
                 )
-            old.setdefault("history", []).append({**now, "accepted": time.time()})
+            old.setdefault("history", []).append({**now, "how": how, "time": time.time()})
             old["code"] = now["code"]
             _write_json(path, old)
         return old
@@ -234,8 +248,9 @@ HEARTBEAT_S = 60.0
 
 @contextmanager
 def accounted(out: Path, stage: str, done: Callable[[], int]) -> Iterator[None]:
-    """Record a session of ``stage`` in ``out/sessions.jsonl``: wall seconds, samples done
-    before/now (``done()`` counts finished samples) and images through the score network.
+    """Record a session of ``stage`` in ``out/sessions.jsonl``: wall and CPU seconds (all
+    threads of the process), samples done before/now (``done()`` counts finished samples)
+    and images through the score network.
 
     A line is appended every ``HEARTBEAT_S`` seconds and at the end, all with the same
     ``session`` id; readers keep the last line of each session, so a killed run loses at most
@@ -245,6 +260,7 @@ def accounted(out: Path, stage: str, done: Callable[[], int]) -> Iterator[None]:
     before = done()
     start = time.time()
     t0 = time.perf_counter()
+    c0 = time.process_time()
     session = f"{os.getpid()}-{start:.3f}"
     commit = code_commit()
     lock = threading.Lock()
@@ -255,6 +271,7 @@ def accounted(out: Path, stage: str, done: Callable[[], int]) -> Iterator[None]:
             "session": session,
             "start": start,
             "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
             "samples_before": before,
             "samples_after": done(),
             "net_images": counter.images,
@@ -316,12 +333,41 @@ def run_clean(out: Path, levels: Sequence[float], *, seed: int, accept_change: b
     purifier = build.build_purifier(cfg, model)
     x, y = build.eval_images(cfg)
     n = x.shape[0]
+
+    @torch.no_grad()
+    def chunk(start: int, t: float) -> List[dict]:
+        idx = list(range(start, min(start + CLEAN_BATCH, n)))
+        xb, yb = x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1]
+        plain = classifier(xb).argmax(1)
+        gen = keyed_generator(x.device, seed, start, round(1000 * t))
+        pred = classifier(purifier(xb, float(t), generator=gen)).argmax(1)
+        return [
+            {
+                "seed": int(seed),
+                "index": i,
+                "label": int(yb[j]),
+                "pred": int(pred[j]),
+                "correct": bool(pred[j] == yb[j]),
+                "plain_pred": int(plain[j]),
+                "plain_correct": bool(plain[j] == yb[j]),
+            }
+            for j, i in enumerate(idx)
+        ]
+
+    def replay(t: float, path: Path) -> Callable[[], bool]:
+        def verify() -> bool:
+            logged = {r["index"]: r for r in read_log(path)[1]}
+            first = [i for i in range(min(CLEAN_BATCH, n)) if i in logged]
+            if len(first) < min(CLEAN_BATCH, n):
+                return not logged  # nothing logged: nothing to mix
+            return all(logged[r["index"]] == r for r in chunk(0, t))
+
+        return verify
+
     logs: Dict[float, RunLog] = {}
-    paths: Dict[float, Path] = {}
     for t in levels:
         d = out / "clean" / level_name(t)
-        check_identity(d, "clean", accept_change)
-        paths[t] = d / "log.jsonl"
+        check_identity(d, "clean", accept_change, verify=replay(t, d / "log.jsonl"))
         config = {
             "stage": "clean",
             "t": float(t),
@@ -332,7 +378,7 @@ def run_clean(out: Path, levels: Sequence[float], *, seed: int, accept_change: b
             "seed": int(seed),
             "batch_size": CLEAN_BATCH,
         }
-        logs[t] = RunLog(paths[t], config)
+        logs[t] = RunLog(d / "log.jsonl", config)
 
     def done() -> int:
         return sum(len(lg.samples) for lg in logs.values())
@@ -340,31 +386,14 @@ def run_clean(out: Path, levels: Sequence[float], *, seed: int, accept_change: b
     try:
         with accounted(out, "clean:" + ",".join(level_name(t) for t in levels), done):
             for start in range(0, n, CLEAN_BATCH):
-                idx = list(range(start, min(start + CLEAN_BATCH, n)))
-                xb, yb = x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1]
-                plain = None
+                idx = range(start, min(start + CLEAN_BATCH, n))
                 for t in levels:
                     lg = logs[t]
                     if all((seed, i) in lg.samples for i in idx):
                         continue
                     t0 = time.perf_counter()
-                    with torch.no_grad():
-                        if plain is None:
-                            plain = classifier(xb).argmax(1)
-                        gen = keyed_generator(x.device, seed, start, round(1000 * t))
-                        pred = classifier(purifier(xb, float(t), generator=gen)).argmax(1)
-                    for j, i in enumerate(idx):
-                        lg.add_sample(
-                            {
-                                "seed": int(seed),
-                                "index": i,
-                                "label": int(yb[j]),
-                                "pred": int(pred[j]),
-                                "correct": bool(pred[j] == yb[j]),
-                                "plain_pred": int(plain[j]),
-                                "plain_correct": bool(plain[j] == yb[j]),
-                            }
-                        )
+                    for rec in chunk(start, t):
+                        lg.add_sample(rec)
                     log.info(
                         "clean t=%.3f: %d/%d images (%.0f s for this chunk)",
                         t, len(lg.samples), n, time.perf_counter() - t0,
@@ -854,7 +883,13 @@ def cmd_run(args) -> int:
             why = stage_blocked(stage, out) if state != "complete" else ""
             print(f"{stage.name:<44} {state:<16} {why}".rstrip())
         return 0
-    only = list(args.only or [])
+    from ..io.lock import folder_lock
+
+    with folder_lock(out):  # one study run per folder
+        return _run_stages(out, list(args.only or []), args.accept_code_change)
+
+
+def _run_stages(out: Path, only: List[str], accept_change: bool) -> int:
     failed: set = set()
     while True:
         todo = None
@@ -874,7 +909,7 @@ def cmd_run(args) -> int:
             return 1 if failed else 0
         log.info("%s: starting (%s)", todo.name, describe(*stage_status(todo, out)))
         try:
-            RUNNERS[todo.kind](todo, out, args.accept_code_change)
+            RUNNERS[todo.kind](todo, out, accept_change)
         except StudyError as err:
             log.error("%s: %s", todo.name, err)
             failed.add(todo.name)

@@ -87,9 +87,10 @@ def sessions(root: Path) -> Dict[str, Dict[str, Any]]:
             break
     out: Dict[str, Dict[str, Any]] = {}
     for rec in last.values():
-        s = out.setdefault(rec["stage"], {"seconds": 0.0, "samples": 0.0, "net_images": 0.0,
-                                          "sessions": 0, "commits": set()})
+        s = out.setdefault(rec["stage"], {"seconds": 0.0, "cpu_seconds": 0.0, "samples": 0.0,
+                                          "net_images": 0.0, "sessions": 0, "commits": set()})
         s["seconds"] += rec["seconds"]
+        s["cpu_seconds"] += rec.get("cpu_seconds", float("nan"))
         s["samples"] += max(0, rec["samples_after"] - rec["samples_before"])
         s["net_images"] += rec.get("net_images", 0)
         s["sessions"] += 1
@@ -575,12 +576,15 @@ def _stage_list(plan, states, stage_time, root: Path) -> List[str]:
         "## Stages, wall time and network calls",
         "",
         "Wall time is the sum over sessions on a shared 2-core machine (other jobs ran beside "
-        "it, so seconds are an upper bound of the cost); network calls count images through the "
-        "score network, attack and final predictions included.",
+        "it at normal priority while the study ran at `nice 15`, so wall time is an upper bound "
+        "of the cost); CPU time is the study process's own (all its threads), a measure of the "
+        "work that does not depend on the other jobs. Network calls count images through the "
+        "score network, attack and final predictions included. Time left extrapolates the "
+        "stage's own pace so far (wall and CPU).",
         "",
-        "| stage | state | wall time | samples this far | net calls per sample | "
-        "time left at this pace |",
-        "|---|---|---:|---:|---:|---:|",
+        "| stage | state | wall time | CPU time | samples this far | net calls per sample | "
+        "time left (wall / CPU) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for s in plan:
         rec = stage_time.get(s.name)
@@ -588,13 +592,19 @@ def _stage_list(plan, states, stage_time, root: Path) -> List[str]:
             key = "clean:" + ",".join(st.level_name(t) for t in s.spec["levels"])
             rec = stage_time.get(key)
         secs = "-" if not rec else f"{rec['seconds'] / 3600:.2f} h"
+        cpu = "-"
+        if rec and not math.isnan(rec["cpu_seconds"]):
+            cpu = f"{rec['cpu_seconds'] / 3600:.2f} h"
         per = "-" if not rec or not rec["samples"] else f"{rec['net_images'] / rec['samples']:,.0f}"
         samples = "-" if not rec else f"{rec['samples']:.0f}"
         left = "-"
         done, need = st.stage_status(s, root)
         if rec and rec["samples"] and done < need:
-            left = f"{(need - done) * rec['seconds'] / rec['samples'] / 3600:.1f} h"
-        lines.append(f"| {s.name} | {states[s.name]} | {secs} | {samples} | {per} | {left} |")
+            k = (need - done) / rec["samples"] / 3600
+            left = f"{k * rec['seconds']:.1f} h / {k * rec['cpu_seconds']:.1f} h"
+        lines.append(
+            f"| {s.name} | {states[s.name]} | {secs} | {cpu} | {samples} | {per} | {left} |"
+        )
     return lines + [""]
 
 
