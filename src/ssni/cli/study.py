@@ -910,8 +910,11 @@ def _run_stages(out: Path, only: List[str], accept_change: bool) -> int:
         log.info("%s: starting (%s)", todo.name, describe(*stage_status(todo, out)))
         try:
             RUNNERS[todo.kind](todo, out, accept_change)
-        except StudyError as err:
-            log.error("%s: %s", todo.name, err)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 - one failing stage must not stop the study
+            log.error("%s: failed: %s: %s", todo.name, type(err).__name__, err)
+            log.debug("failure", exc_info=True)
             failed.add(todo.name)
             continue
         if stage_status(todo, out)[0] < stage_status(todo, out)[1]:
