@@ -103,11 +103,14 @@ def test_fingerprint_ignores_docstrings_and_comments():
 def test_study_runs_resumes_packs_and_reports(tiny, tmp_path):
     out = tmp_path / "run"
     rows = ["diffpure-constant-pgd-eps0.100/seed121", "diffpure-ssni-n-pgd-eps0.100/seed121"]
-    only = ["--only", "clean-decisive", "--only", "calibrate", "--only", rows[0], "--only", rows[1]]
+    only = ["--only", "clean-decisive", "--only", "calibrate", "--only", rows[0], "--only", rows[1],
+            "--only", "analyze-t"]
     assert main(["study", "run", "--out", str(out), *only]) == 0
     row = out / "rows" / "diffpure-ssni-n-pgd-eps0.100" / "seed121" / "log.jsonl"
     assert len(st.read_log(row)[1]) == 2
     assert (out / "calibrate" / "ssni-n" / "policy.json").is_file()
+    adv_grid = st.read_log(out / "analyze-t" / "log.jsonl")[1]
+    assert len(adv_grid) == 2 and len(adv_grid[0]["adv"]) == len(st.T_GRID)
     logs = {p: p.read_bytes() for p in out.rglob("log.jsonl")}
     # a second run has nothing to do and leaves every log as it was
     assert main(["study", "run", "--out", str(out), *only]) == 0

@@ -688,6 +688,30 @@ def calibration_grid(t_star: float):
     return level_grid(t_star, CALIB_BIASES, CALIB_RESOLUTION)
 
 
+def _chunked(out: Path, stage: Stage, path: Path, config: dict, x, y, seed: int, phases: int,
+             work: Callable) -> None:
+    """Append ``work(xb, yb, generators)`` (one dict per sample) for every chunk of
+    ``ROW_BATCH`` samples not yet in the log at ``path``; ``phases`` keyed generators per
+    chunk, keyed by ``(seed, chunk start, phase)``."""
+    from ..eval.log import RunLog
+    from ..eval.streams import keyed_generator
+
+    lg = RunLog(path, config)
+    try:
+        with accounted(out, stage.name, lambda: len(lg.samples)):
+            for start in range(0, x.shape[0], ROW_BATCH):
+                idx = list(range(start, min(start + ROW_BATCH, x.shape[0])))
+                if all((seed, i) in lg.samples for i in idx):
+                    continue
+                xb, yb = x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1]
+                gens = [keyed_generator(x.device, seed, start, k) for k in range(phases)]
+                for i, rec in zip(idx, work(xb, yb, gens)):
+                    lg.add_sample({"seed": seed, "index": i, "label": int(y[i]), **rec})
+                log.info("%s: %d/%d images", stage.name, len(lg.samples), x.shape[0])
+    finally:
+        lg.close()
+
+
 def _run_calib_table(stage: Stage, out: Path, accept_change: bool) -> None:
     """Correctness of clean and adversarial validation images over the calibration grid and
     their EPS norms, per chunk (the adversarial ones: the study's cheap calibration attack,
@@ -695,8 +719,7 @@ def _run_calib_table(stage: Stage, out: Path, accept_change: bool) -> None:
     from ..core.defense import Defense
     from ..core.policies import Constant
     from ..eval.calibrate import correctness_table
-    from ..eval.log import RunLog, fingerprint_data, fingerprint_module
-    from ..eval.streams import keyed_generator
+    from ..eval.log import fingerprint_data, fingerprint_module
     from . import build
 
     d = out / stage.path
@@ -724,33 +747,25 @@ def _run_calib_table(stage: Stage, out: Path, accept_change: bool) -> None:
         "seed": seed,
         "batch_size": ROW_BATCH,
     }
-    lg = RunLog(d / "log.jsonl", config)
-    try:
-        with accounted(out, stage.name, lambda: len(lg.samples)):
-            for start in range(0, x.shape[0], ROW_BATCH):
-                idx = list(range(start, min(start + ROW_BATCH, x.shape[0])))
-                if all((seed, i) in lg.samples for i in idx):
-                    continue
-                xb, yb = x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1]
-                g = [keyed_generator(x.device, seed, start, k) for k in range(5)]
-                x_adv = setup.attack(setup.target, xb, yb, g[0])
-                with torch.no_grad():
-                    e_clean = probe.score_norm(xb, generator=g[1])
-                    e_adv = probe.score_norm(x_adv, generator=g[2])
-                ct = correctness_table(purifier, classifier, xb, yb, grid, votes=1,
-                                       batch_size=ROW_BATCH, generator=g[3], progress=None)
-                at = correctness_table(purifier, classifier, x_adv, yb, grid, votes=1,
-                                       batch_size=ROW_BATCH, generator=g[4], progress=None)
-                for j, i in enumerate(idx):
-                    lg.add_sample({
-                        "seed": seed, "index": i, "label": int(yb[j]),
-                        "e_clean": float(e_clean[j]), "e_adv": float(e_adv[j]),
-                        "clean": [int(v) for v in ct[j].tolist()],
-                        "adv": [int(v) for v in at[j].tolist()],
-                    })
-                log.info("calibration table: %d/%d images", len(lg.samples), x.shape[0])
-    finally:
-        lg.close()
+
+    def work(xb, yb, g):
+        x_adv = setup.attack(setup.target, xb, yb, g[0])
+        with torch.no_grad():
+            e_clean = probe.score_norm(xb, generator=g[1])
+            e_adv = probe.score_norm(x_adv, generator=g[2])
+        kw = dict(votes=1, batch_size=ROW_BATCH, progress=None)
+        ct = correctness_table(purifier, classifier, xb, yb, grid, generator=g[3], **kw)
+        at = correctness_table(purifier, classifier, x_adv, yb, grid, generator=g[4], **kw)
+        return [
+            {
+                "e_clean": float(e_clean[j]), "e_adv": float(e_adv[j]),
+                "clean": [int(v) for v in ct[j].tolist()],
+                "adv": [int(v) for v in at[j].tolist()],
+            }
+            for j in range(xb.shape[0])
+        ]
+
+    _chunked(out, stage, d / "log.jsonl", config, x, y, seed, 5, work)
 
 
 def _run_calib_select(stage: Stage, out: Path, accept_change: bool) -> None:
@@ -800,8 +815,7 @@ def _run_adv_grid(stage: Stage, out: Path, accept_change: bool) -> None:
     from ..core.policies import Constant
     from ..eval.analysis import correctness_grid
     from ..eval.calibrate import load_policy
-    from ..eval.log import RunLog, fingerprint_data, fingerprint_module
-    from ..eval.streams import keyed_generator
+    from ..eval.log import fingerprint_data, fingerprint_module
     from . import build
 
     d = out / stage.path
@@ -828,30 +842,23 @@ def _run_adv_grid(stage: Stage, out: Path, accept_change: bool) -> None:
         "seed": seed,
         "batch_size": ROW_BATCH,
     }
-    lg = RunLog(d / "log.jsonl", config)
-    try:
-        with accounted(out, stage.name, lambda: len(lg.samples)):
-            for start in range(0, x.shape[0], ROW_BATCH):
-                idx = list(range(start, min(start + ROW_BATCH, x.shape[0])))
-                if all((seed, i) in lg.samples for i in idx):
-                    continue
-                xb, yb = x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1]
-                g = [keyed_generator(x.device, seed, start, k) for k in range(4)]
-                x_adv = setup.attack(setup.target, xb, yb, g[0])
-                table = correctness_grid(purifier, classifier, x_adv, yb, T_GRID,
-                                         batch_size=ROW_BATCH, generator=g[1])
-                with torch.no_grad():
-                    t_clean = policy(xb, generator=g[2])
-                    t_adv = policy(x_adv, generator=g[3])
-                for j, i in enumerate(idx):
-                    lg.add_sample({
-                        "seed": seed, "index": i, "label": int(yb[j]),
-                        "adv": [int(v) for v in table[j].tolist()],
-                        "t_clean": float(t_clean[j]), "t_adv": float(t_adv[j]),
-                    })
-                log.info("analyze-t: %d/%d images", len(lg.samples), x.shape[0])
-    finally:
-        lg.close()
+
+    def work(xb, yb, g):
+        x_adv = setup.attack(setup.target, xb, yb, g[0])
+        table = correctness_grid(purifier, classifier, x_adv, yb, T_GRID,
+                                 batch_size=ROW_BATCH, generator=g[1])
+        with torch.no_grad():
+            t_clean = policy(xb, generator=g[2])
+            t_adv = policy(x_adv, generator=g[3])
+        return [
+            {
+                "adv": [int(v) for v in table[j].tolist()],
+                "t_clean": float(t_clean[j]), "t_adv": float(t_adv[j]),
+            }
+            for j in range(xb.shape[0])
+        ]
+
+    _chunked(out, stage, d / "log.jsonl", config, x, y, seed, 4, work)
 
 
 RUNNERS = {
