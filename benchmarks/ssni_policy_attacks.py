@@ -1,90 +1,279 @@
-"""Attacks through the SSNI policy, three ways, on one preset (default: the Fashion-MNIST demo).
+"""Attacks through the SSNI policy, compared on the same images and seeds, with a worst case.
 
-(a) reference: the level t(x_adv) is recomputed at every iteration but not differentiated;
-(b) relaxed: the policy is differentiated (soft level through the sigmoid/linear map of the EPS
-    norm, straight-through rounding), so the gradient also flows through e(x);
-(c) score-norm-aware: (b) with the loss CE - lambda (e(x) - mu) / std, which pushes the
-    adversarial input to look clean and receive less noise.
+Attacks (``--attacks``, by name; each is also ``ssni evaluate --set attack=...``):
 
-All three use the preset's attack (PGD, EOT, surrogate or full gradients) and are judged on the
-real defense. Prints clean/robust accuracy (mean +- std over seeds), the mean levels and score
-norms of clean and adversarial inputs, and the ROC AUC of e(x) separating them.
+* ``reference``: the preset's PGD; ``t(x_adv)`` is recomputed at every iteration, never
+  differentiated (the SSNI paper's attack);
+* ``relaxed``: the same PGD with the policy made differentiable (soft level, straight-through
+  rounding), so gradients also flow through the EPS norm ``e(x)``;
+* ``constrained``: :class:`ssni.attacks.TwoPhase`, first lowering ``e(x)``, then PGD on the
+  classification loss with an adaptive hinge on ``e(x)`` above the clean 90th percentile;
+* ``clean-levels``: PGD whose gradients come from the defense run at levels drawn from the clean
+  ``t(x)`` histogram (EOT over ``t``), transferred to the real policy.
 
-Usage: ``python benchmarks/ssni_policy_attacks.py [--preset NAME] [--set key=value ...]
-[--lam 1.0] [--variants abc] [--out DIR]`` (each variant keeps a resumable log in ``DIR``).
+Each (preset, eps, attack, seed) keeps a resumable JSONL log under ``--out``; killing the run
+loses at most the chunk in progress, and rerunning the same command resumes. Work is done seed
+by seed (all of seed 121 first), then eps, preset and attack in the order given.
+
+Per attack the table shows, for the three protocols of a random defense (one-shot, worst-of-N,
+success at any iteration with its control, the same number of clean queries), robust accuracy
+(mean +- std over seeds), mean ``t(x_adv)``, the fraction of ``x_adv`` with ``e(x)`` below the clean
+90th percentile (of the same test images' clean norms), the lowest ``e(x)`` any iterate reached,
+and network calls per image of the attack. The worst case over all attacks (AutoAttack style:
+robust only if every attack fails) ends each block. Sanity checks fail loudly (exit code 1): the
+gradient of ``t(x)`` must be non-zero, and the constrained attack must reach lower ``e(x)`` than
+the reference.
+
+Usage::
+
+    python benchmarks/ssni_policy_attacks.py [--presets P ...] [--eps 0.1 0.03]
+        [--attacks reference constrained ...] [--seeds 121 122 123] [--set key=value ...]
+        [--worst-of 4] [--out DIR] [--report-only] [--progress]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 
+PRESETS = ["fmnist-diffpure-ssni-n-pgd-linf", "fmnist-diffpure-ssni-l-pgd-linf"]
+ATTACKS = {
+    "reference": {"attack": "pgd", "adaptive_t": False},
+    "relaxed": {"attack": "pgd", "adaptive_t": True},
+    "constrained": {"attack": "constrained", "adaptive_t": False},
+    "clean-levels": {"attack": "clean-levels", "adaptive_t": False},
+}
+POLICY_AWARE = ("relaxed", "constrained", "clean-levels")
+
+
+def _log_path(out: Path, preset: str, eps: float, attack: str, seed: int) -> Path:
+    return out / preset / f"eps{eps:g}" / attack / f"seed{seed}.jsonl"
+
+
+def read_records(path: Path):
+    """Sample records of one JSONL log (plain or ``.gz``); empty if it does not exist."""
+    if not path.exists():
+        gz = path.with_name(path.name + ".gz")
+        if not gz.exists():
+            return []
+        path = gz
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = []
+    with opener(path, "rt") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if rec.get("kind") == "sample":
+                out.append(rec["record"])
+    return out
+
+
+def _pct(stat) -> str:
+    if stat is None:
+        return "-"
+    return f"{100 * stat['mean']:.1f} +- {100 * stat['std']:.1f}"
+
+
+def _row(name, records, n, control, worst_of):
+    from ssni.eval.worst import protocol_accuracy
+
+    seeds = sorted({r["seed"] for r in records})
+    e_clean = np.array([r["score_norm_clean"] for r in records], dtype=float)
+    e_adv = np.array([r["score_norm_adv"] for r in records], dtype=float)
+    p90 = float(np.quantile(e_clean, 0.9))
+    t_adv = 1000 * np.mean([r["t_adv"] for r in records])
+    lowest = [r.get("min_norm", r["score_norm_adv"]) for r in records]
+    calls = [r.get("network_calls") for r in records if r.get("network_calls")]
+    call_txt = "-"
+    if calls:
+        call_txt = " / ".join(f"{np.mean([c[k] for c in calls]):.0f}" for k in calls[0])
+    any_it = protocol_accuracy(records, "any-iteration")
+    any_txt = _pct(any_it)
+    if any_it is not None and control is not None:
+        any_txt += f" (control {_pct(control)})"
+    clean = protocol_accuracy(
+        [dict(r, robust=r["clean_correct"]) for r in records], "one-shot"
+    )
+    return (
+        f"| {name} | {len(records) // max(1, len(seeds))} x {len(seeds)} | {_pct(clean)} | "
+        f"{_pct(protocol_accuracy(records, 'one-shot'))} | "
+        f"{_pct(protocol_accuracy(records, 'worst-of-N'))} | {any_txt} | {t_adv:.1f} | "
+        f"{100 * np.mean(e_adv <= p90):.1f} | {np.mean(e_adv):.0f} | "
+        f"{np.min(lowest):.0f} (clean p10 {np.quantile(e_clean, 0.1):.0f}) | {call_txt} |"
+    )
+
+
+def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
+    """Print the tables from the logs; returns the number of failed sanity checks."""
+    from ssni.eval.checks import SanityError, lower_norm_check
+    from ssni.eval.worst import worst_of
+
+    failed = 0
+    for preset in presets:
+        for eps in eps_list:
+            members = {}
+            for name in attack_names:
+                recs = []
+                for seed in seeds:
+                    recs += read_records(_log_path(out, preset, eps, name, seed))
+                if recs:
+                    members[name] = recs
+            if not members:
+                continue
+            control = None
+            cpath = out / preset / "control.json"
+            if cpath.exists():
+                ctl = json.loads(cpath.read_text())
+                done = [ctl[str(s)] for s in seeds if str(s) in ctl]
+                if done:
+                    vals = [c["accuracy"] for c in done]
+                    control = {"mean": float(np.mean(vals)),
+                               "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+            print(f"\n### {preset}, Linf eps = {eps:g}\n")
+            print(
+                "| Attack | images x seeds | clean (%) | robust one-shot (%) | "
+                f"robust worst-of-{worst_n} (%) | robust any-iteration (%) | mean t(x_adv) "
+                "[steps] | x_adv with e <= clean p90 (%) | mean e(x_adv) | lowest e reached | "
+                "network calls / image (score net / classifier) |"
+            )
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for name, recs in members.items():
+                print(_row(name, recs, None, control, worst_n))
+            # worst case on the (seed, sample) pairs every member has
+            common = set.intersection(
+                *[{(r["seed"], r["index"]) for r in recs} for recs in members.values()]
+            )
+            if len(members) > 1 and common:
+                subset = {k: [r for r in v if (r["seed"], r["index"]) in common]
+                          for k, v in members.items()}
+                for label, names in (
+                    ("worst case, all attacks", list(subset)),
+                    ("worst case, policy-aware only", [k for k in subset if k in POLICY_AWARE]),
+                ):
+                    if not names:
+                        continue
+                    w = worst_of({k: subset[k] for k in names})
+                    seeds_c = sorted({s for s, _ in common})
+                    print(
+                        f"| {label} ({', '.join(names)}) | {len(common) // len(seeds_c)} x "
+                        f"{len(seeds_c)} | | {_pct(w['one-shot'])} | {_pct(w['worst-of-N'])} | "
+                        f"{_pct(w['any-iteration'])} | | | | | |"
+                    )
+            ref = members.get("reference")
+            for name in ("constrained",):
+                if ref is None or name not in members:
+                    continue
+                keys = {(r["seed"], r["index"]): r for r in ref}
+                pairs = [(r["score_norm_adv"], keys[(r["seed"], r["index"])]["score_norm_adv"])
+                         for r in members[name] if (r["seed"], r["index"]) in keys]
+                if not pairs:
+                    continue
+                a, b = zip(*pairs)
+                try:
+                    d = lower_norm_check(a, b, name)
+                    print(f"\nsanity: {name} mean e(x_adv) is {-d:.1f} below the reference's "
+                          f"({len(pairs)} samples)")
+                except SanityError as err:
+                    failed += 1
+                    print(f"\nSANITY CHECK FAILED: {err}")
+    print("\nProtocols: one-shot = the final example classified once; worst-of-N = robust only "
+          "if all N purifications are right; any-iteration = robust only if no query during the "
+          "attack and not the final example was misclassified (control: the clean images "
+          "queried as often, no attack).")
+    return failed
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="fmnist-diffpure-ssni-n-pgd-linf")
+    parser.add_argument("--presets", nargs="+", default=PRESETS)
+    parser.add_argument("--eps", nargs="+", type=float, default=[0.1, 0.03])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[121, 122, 123])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--lam", type=float, default=1.0, help="weight of the score norm")
+    parser.add_argument("--worst-of", type=int, default=4, help="N of the worst-of-N protocol")
+    parser.add_argument("--no-control", action="store_true", help="skip the clean-query control")
     parser.add_argument("--out", default="runs/ssni-policy-attacks")
-    parser.add_argument("--variants", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--report-only", action="store_true", help="tables from the logs only")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    if args.report_only:
+        sys.exit(1 if report(out, args.presets, args.eps, args.attacks, args.seeds,
+                             args.worst_of) else 0)
 
     from ssni import attacks
     from ssni.cli import build
     from ssni.cli.config import load_config
     from ssni.core.policies import SSNI
+    from ssni.eval.checks import level_gradient_check
     from ssni.eval.protocol import evaluate
-    from ssni.eval.reports import roc_auc
+    from ssni.eval.worst import clean_query_control
 
-    cfg = load_config(args.preset, args.overrides)
-    parts = build.build_components(cfg, generator=build.seeded_generator(cfg.subset_seed))
-    if not isinstance(parts.policy, SSNI):
-        raise SystemExit(f"{args.preset} does not use an SSNI policy")
-    x, y = build.eval_images(cfg)
-    base = build.build_attack(cfg.replace(adaptive_t=False), parts.defense)
-    relaxed_setup = build.build_attack(cfg.replace(adaptive_t=True), parts.defense)
-    score_loss = attacks.ScoreNormLoss(parts.policy, lam=args.lam)
-    variants = {
-        "(a) reference t(x), not differentiated": base,
-        "(b) relaxed policy, gradient through e(x)": relaxed_setup,
-        f"(c) relaxed + score-norm loss (lambda={args.lam:g})": build.AttackSetup(
-            relaxed_setup.attack.with_loss(score_loss), relaxed_setup.target,
-            relaxed_setup.description,
-        ),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"{cfg.name}: {x.shape[0]} images, {base.description}")
-    for i, (name, setup) in enumerate(variants.items()):
-        if "abc"[i] not in args.variants:
+    built = {}
+    for preset in args.presets:
+        cfg = load_config(preset, args.overrides)
+        parts = build.build_components(cfg, generator=build.seeded_generator(cfg.subset_seed))
+        if not isinstance(parts.policy, SSNI):
+            raise SystemExit(f"{preset} does not use an SSNI policy")
+        parts.policy.chunk_size = cfg.batch_size  # same norms, faster probe on CPU
+        x, y = build.eval_images(cfg)
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        grads = level_gradient_check(parts.policy, x[:8], build.seeded_generator(0, cfg.device))
+        print(f"{preset}: {x.shape[0]} images; |d t / d x| on 8 clean images: "
+              f"min {float(grads.min()):.3g}, max {float(grads.max()):.3g} (non-zero: ok)",
+              flush=True)
+        net = getattr(parts.score_model, "net", parts.score_model)
+        built[preset] = (cfg, parts, x, y, {"score": net, "classifier": parts.classifier})
+
+    for seed in args.seeds:
+        for eps in args.eps:
+            for preset in args.presets:
+                cfg, parts, x, y, modules = built[preset]
+                for name in args.attacks:
+                    run_cfg = cfg.replace(eps=eps, **ATTACKS[name])
+                    setup = build.build_attack(run_cfg, parts.defense)
+                    attack = attacks.Counted(setup.attack.tracking(), modules)
+                    path = _log_path(out, preset, eps, name, seed)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    print(f"seed {seed} eps {eps:g} {preset} {name}: {setup.description}",
+                          flush=True)
+                    evaluate(
+                        parts.defense, attack, (x, y), seeds=[seed], votes=cfg.votes,
+                        worst_of=args.worst_of, batch_size=cfg.batch_size,
+                        surrogate=None if setup.target is parts.defense else setup.target,
+                        log_path=path, progress=args.progress,
+                        sanity_checks=(name == "reference"),
+                        sanity_samples=min(64, x.shape[0]),
+                    )
+            if args.no_control:
+                continue
+        if args.no_control:
             continue
-        report = evaluate(
-            parts.defense, setup.attack, (x.to(cfg.device), y.to(cfg.device)),
-            seeds=cfg.seeds, votes=cfg.votes, batch_size=cfg.batch_size,
-            surrogate=None if setup.target is parts.defense else setup.target,
-            log_path=out / f"variant_{'abc'[i]}.jsonl", progress=args.progress,
-            sanity_checks=(i == 0), sanity_samples=min(64, x.shape[0]),
-        )
-        e_c = np.array(report.score_norm_clean, dtype=float)
-        e_a = np.array(report.score_norm_adv, dtype=float)
-        print(name)
-        print(
-            f"  clean {100 * report.clean_accuracy:.1f} +- {100 * report.clean_accuracy_std:.1f} %"
-            f", robust {100 * report.robust_accuracy:.1f} +- "
-            f"{100 * report.robust_accuracy_std:.1f} %"
-        )
-        print(
-            f"  mean t: clean {1000 * np.mean(report.t_clean):.1f}, adv "
-            f"{1000 * np.mean(report.t_adv):.1f} (of 1000 steps); mean e(x): clean "
-            f"{e_c.mean():.2f}, adv {e_a.mean():.2f}; ROC AUC {roc_auc(e_c, e_a):.3f}"
-        )
-        for w in report.warnings:
-            print(f"  WARNING: {w}")
+        for preset in args.presets:
+            cfg, parts, x, y, _ = built[preset]
+            cpath = out / preset / "control.json"
+            ctl = json.loads(cpath.read_text()) if cpath.exists() else {}
+            if str(seed) in ctl:
+                continue
+            queries = cfg.iterations + 1 + cfg.votes  # the most any attack here makes
+            res = clean_query_control(parts.defense, x, y, queries, seeds=[seed],
+                                      batch_size=cfg.batch_size)
+            ctl[str(seed)] = {"accuracy": res["mean"], "queries": queries}
+            cpath.write_text(json.dumps(ctl, indent=1, sort_keys=True) + "\n")
+            print(f"seed {seed} {preset}: clean accuracy over {queries} queries "
+                  f"{100 * res['mean']:.1f} %", flush=True)
+
+    sys.exit(1 if report(out, args.presets, args.eps, args.attacks, args.seeds,
+                         args.worst_of) else 0)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ attack follows (the defense, its BPDA/full/relaxed variant, or a surrogate); ``x
 threat model around ``x``. After each call ``attack.last_stats`` holds per-sample gradient
 diagnostics: ``iterations`` (gradient estimates taken), ``zero_grad`` and ``nonfinite_grad``
 (how many of them were all zero / had NaN or inf entries; non-finite entries are set to 0).
+
+With ``track_queries`` on (:meth:`Attack.tracking`), every gradient estimate is followed by one
+no-grad query of the model the attack was called with (the real defense when gradients come from
+a surrogate); ``last_stats["queries"]`` counts them and ``last_stats["per_sample"]["fooled_any"]``
+says whether any query misclassified the sample: the "success at any iteration" protocol of
+DiffBreak (Kassis et al. 2025). Attacks may add other ``(B,)`` tensors to ``per_sample``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class Attack:
         self.gradient = gradient if gradient is not None else EOT(eot)
         self.last_stats: Optional[dict] = None
 
+    track_queries: bool = False
+
     # -- public -------------------------------------------------------------------------------
     def __call__(
         self, model, x: Tensor, y: Tensor, generator: Optional[torch.Generator] = None
@@ -74,6 +82,14 @@ class Attack:
         other.last_stats = None
         return other
 
+    def tracking(self, on: bool = True) -> Attack:
+        """A copy of this attack that queries the model after every gradient estimate and
+        records success at any iteration (see the module docstring)."""
+        other = copy.copy(self)
+        other.track_queries = bool(on)
+        other.last_stats = None
+        return other
+
     @property
     def passes(self) -> int:
         """Stochastic passes per gradient estimate (the EOT count)."""
@@ -86,6 +102,8 @@ class Attack:
             self.gradient
         )
         cfg.update(self._params())
+        if self.track_queries:
+            cfg["track_queries"] = True
         return cfg
 
     def _params(self) -> dict:
@@ -106,6 +124,9 @@ class Attack:
             "zero_grad": torch.zeros(b, dtype=torch.long),
             "nonfinite_grad": torch.zeros(b, dtype=torch.long),
         }
+        if self.track_queries:
+            self.last_stats["queries"] = 0
+            self.last_stats["per_sample"] = {"fooled_any": torch.zeros(b, dtype=torch.bool)}
 
     def _estimate(self, model, x_adv, y, generator, need_loss: bool):
         est = self.gradient(model, self.loss, x_adv, y, generator, need_loss=need_loss)
@@ -123,6 +144,11 @@ class Attack:
         loss = est.loss
         if loss is not None:
             loss = torch.nan_to_num(loss, nan=float("-inf"))
+        if self.track_queries:
+            with torch.no_grad():
+                wrong = forward(model, x_adv, generator).argmax(1) != y
+            stats["queries"] += 1
+            stats["per_sample"]["fooled_any"] |= wrong.cpu()
         return grad, loss, est.logits
 
 

@@ -414,8 +414,26 @@ def build_attack(
         estimator = attacks.Surrogate(surrogate, n=n_eot)
     if adaptive and cfg.gradient != "surrogate":
         target = attacks.relaxed(target)
-    if cfg.attack == "pgd":
+    if cfg.attack in ("constrained", "clean-levels") and not isinstance(defense.policy, SSNI):
+        raise ConfigError("attack", f"{cfg.attack} needs a defense with an SSNI policy")
+    if cfg.attack == "clean-levels":
+        # transfer: gradients of the defense run at levels drawn from the clean t(x) histogram
+        x_levels, _ = heldout_images(cfg, cfg.level_n)
+        gen = seeded_generator(cfg.subset_seed, cfg.device)
+        levels = attacks.clean_levels(
+            defense.policy, x_levels.to(cfg.device), gen, batch_size=cfg.batch_size
+        )
+        source = target if cfg.gradient != "surrogate" else estimator.model
+        estimator = attacks.Surrogate(attacks.at_levels(source, levels.cpu()).to(cfg.device),
+                                      n=n_eot)
+        target = defense
+    if cfg.attack in ("pgd", "clean-levels"):
         attack = attacks.PGD(threat, steps=steps, step_size=cfg.step_size, gradient=estimator)
+    elif cfg.attack == "constrained":
+        attack = attacks.TwoPhase(
+            threat, defense.policy, quantile=cfg.norm_quantile, norm_steps=cfg.norm_steps,
+            steps=steps, step_size=cfg.step_size, gradient=estimator,
+        )
     else:
         attack = attacks.APGD(threat, steps=steps, gradient=estimator)
     desc = (

@@ -119,6 +119,10 @@ class RunConfig:
     surrogate_steps: int = 20
     eot: int = 20
     adaptive_t: bool = False  # attack also differentiates through the SSNI level t(x)
+    # policy-aware attacks on SSNI (attack = "constrained" / "clean-levels")
+    norm_quantile: float = 0.9  # constrained: keep e(x) below this clean quantile
+    norm_steps: int = 2  # constrained: phase-1 steps lowering e(x) before the attack
+    level_n: int = 64  # clean-levels: held-out images whose levels t(x) are sampled
     # -- evaluation
     votes: int = 1
     seeds: List[int] = field(default_factory=lambda: [121, 122, 123])
@@ -165,7 +169,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "gdmp_distance": ("mse", "ssim"),
     "policy": ("constant", "ssni-n", "ssni-l", "ssni-learned"),
     "stats_split": ("train", "val"),
-    "attack": ("pgd", "apgd"),
+    "attack": ("pgd", "apgd", "constrained", "clean-levels"),
     "norm": ("linf", "l2"),
     "gradient": ("full", "surrogate", "bpda"),
     "calib_objective": ("constrained", "weighted"),
@@ -365,6 +369,13 @@ def validate(cfg: RunConfig) -> RunConfig:
         cfg.surrogate_steps >= 1, "surrogate_steps", f"must be >= 1, got {cfg.surrogate_steps}"
     )
     _require(cfg.eot >= 1, "eot", f"must be >= 1, got {cfg.eot}")
+    q = cfg.norm_quantile
+    _require(0.0 < q < 1.0, "norm_quantile", f"must be in (0, 1), got {q}")
+    _require(cfg.norm_steps >= 0, "norm_steps", f"must be >= 0, got {cfg.norm_steps}")
+    _require(cfg.level_n >= 1, "level_n", f"must be >= 1, got {cfg.level_n}")
+    if cfg.attack in ("constrained", "clean-levels"):
+        _require(cfg.policy != "constant" or bool(cfg.policy_file), "attack",
+                 f"{cfg.attack} attacks an SSNI policy; the policy is constant")
     _require(cfg.votes >= 1, "votes", f"must be >= 1, got {cfg.votes}")
     _require(len(cfg.seeds) >= 1, "seeds", "needs at least one seed")
     _require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"repeated seed in {cfg.seeds}")

@@ -154,6 +154,12 @@ def _attack_chunk(
         "score_norm_adv": floats(e_adv),
     }
     n_iter = int(stats.get("iterations", 0))
+    # optional per-sample attack statistics (e.g. success at any iteration, lowest e(x))
+    extra = {k: v.tolist() for k, v in stats.get("per_sample", {}).items()}
+    if "queries" in stats:
+        extra["queries"] = [int(stats["queries"])] * x.shape[0]
+    if "network_calls" in stats:
+        extra["network_calls"] = [dict(stats["network_calls"])] * x.shape[0]
     out = []
     for j in range(x.shape[0]):
         rec = {
@@ -175,6 +181,8 @@ def _attack_chunk(
         }
         for key, col in cols.items():
             rec[key] = None if col is None else col[j]
+        for key, col in extra.items():
+            rec[key] = col[j]
         out.append(rec)
     return out
 
