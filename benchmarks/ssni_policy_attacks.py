@@ -11,9 +11,11 @@ Attacks (``--attacks``, by name; each is also ``ssni evaluate --set attack=...``
 * ``clean-levels``: PGD whose gradients come from the defense run at levels drawn from the clean
   ``t(x)`` histogram (EOT over ``t``), transferred to the real policy.
 
-Each (preset, eps, attack, seed) keeps a resumable JSONL log under ``--out``; killing the run
-loses at most the chunk in progress, and rerunning the same command resumes. Work is done seed
-by seed (all of seed 121 first), then eps, preset and attack in the order given.
+Each (preset, eps, attack, seed) keeps resumable JSONL logs under ``--out``, one per block of
+``--block`` images; killing the run loses at most the chunk in progress, and rerunning the same
+command resumes. Work is done seed by seed (all of seed 121 first), then eps, then block by block
+(every preset and attack on one block of images before the next block), so a run cut short
+still compares all attacks on the same images.
 
 Per attack the table shows, for the three protocols of a random defense (one-shot, worst-of-N,
 success at any iteration with its control, the same number of clean queries), robust accuracy
@@ -52,27 +54,30 @@ ATTACKS = {
 POLICY_AWARE = ("relaxed", "constrained", "clean-levels")
 
 
-def _log_path(out: Path, preset: str, eps: float, attack: str, seed: int) -> Path:
-    return out / preset / f"eps{eps:g}" / attack / f"seed{seed}.jsonl"
+def _log_dir(out: Path, preset: str, eps: float, attack: str, seed: int) -> Path:
+    return out / preset / f"eps{eps:g}" / attack / f"seed{seed}"
 
 
-def read_records(path: Path):
-    """Sample records of one JSONL log (plain or ``.gz``); empty if it does not exist."""
-    if not path.exists():
-        gz = path.with_name(path.name + ".gz")
-        if not gz.exists():
-            return []
-        path = gz
-    opener = gzip.open if path.suffix == ".gz" else open
+def _block_name(start: int, stop: int) -> str:
+    return f"images{start:05d}-{stop:05d}.jsonl"
+
+
+def read_records(folder: Path):
+    """Sample records of the block logs in ``folder`` (plain or ``.gz``), with ``index`` made
+    global (block start added); empty if there are none."""
     out = []
-    with opener(path, "rt") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("kind") == "sample":
-                out.append(rec["record"])
+    files = sorted(folder.glob("images*.jsonl")) + sorted(folder.glob("images*.jsonl.gz"))
+    for path in files:
+        start = int(path.name[len("images"):].split("-")[0])
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if rec.get("kind") == "sample":
+                    out.append(dict(rec["record"], index=rec["record"]["index"] + start))
     return out
 
 
@@ -123,20 +128,11 @@ def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
             for name in attack_names:
                 recs = []
                 for seed in seeds:
-                    recs += read_records(_log_path(out, preset, eps, name, seed))
+                    recs += read_records(_log_dir(out, preset, eps, name, seed))
                 if recs:
                     members[name] = recs
             if not members:
                 continue
-            control = None
-            cpath = out / preset / "control.json"
-            if cpath.exists():
-                ctl = json.loads(cpath.read_text())
-                done = [ctl[str(s)] for s in seeds if str(s) in ctl]
-                if done:
-                    vals = [c["accuracy"] for c in done]
-                    control = {"mean": float(np.mean(vals)),
-                               "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
             print(f"\n### {preset}, Linf eps = {eps:g}\n")
             print(
                 "| Attack | images x seeds | clean (%) | robust one-shot (%) | "
@@ -146,6 +142,7 @@ def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
             )
             print("|---|---|---|---|---|---|---|---|---|---|---|")
             for name, recs in members.items():
+                control = _control_accuracy(out, preset, recs)
                 print(_row(name, recs, None, control, worst_n))
             # worst case on the (seed, sample) pairs every member has
             common = set.intersection(
@@ -191,6 +188,47 @@ def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
     return failed
 
 
+def _control(out, preset, cfg, parts, x, y, seed, start, stop) -> None:
+    """Clean-query control of the any-iteration protocol on one block (cached in a JSON)."""
+    from ssni.eval.worst import clean_query_control
+
+    cpath = out / preset / "control.json"
+    ctl = json.loads(cpath.read_text()) if cpath.exists() else {}
+    key = f"{seed}:{start}-{stop}"
+    if key in ctl:
+        return
+    queries = cfg.iterations + 1 + cfg.votes  # the most any attack here makes
+    res = clean_query_control(parts.defense, x[start:stop], y[start:stop], queries,
+                              seeds=[seed], batch_size=cfg.batch_size)
+    ctl[key] = {"queries": queries, "right": res["flags"][0]}
+    cpath.parent.mkdir(parents=True, exist_ok=True)
+    cpath.write_text(json.dumps(ctl, sort_keys=True) + "\n")
+
+
+def _control_accuracy(out, preset, records):
+    """Control accuracy (mean/std over seeds) on the (seed, image) pairs of ``records``."""
+    cpath = out / preset / "control.json"
+    if not cpath.exists():
+        return None
+    flags = {}
+    for key, val in json.loads(cpath.read_text()).items():
+        seed, rng = key.split(":")
+        start = int(rng.split("-")[0])
+        for j, ok in enumerate(val["right"]):
+            flags[(int(seed), start + j)] = ok
+    per_seed = {}
+    for r in records:
+        k = (r["seed"], r["index"])
+        if k not in flags:
+            return None
+        per_seed.setdefault(r["seed"], []).append(flags[k])
+    vals = [float(np.mean(v)) for v in per_seed.values()]
+    if not vals:
+        return None
+    return {"mean": float(np.mean(vals)),
+            "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=PRESETS)
@@ -199,6 +237,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[121, 122, 123])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--worst-of", type=int, default=4, help="N of the worst-of-N protocol")
+    parser.add_argument("--block", type=int, default=16,
+                        help="images per log file: every attack finishes a block before the next")
     parser.add_argument("--no-control", action="store_true", help="skip the clean-query control")
     parser.add_argument("--out", default="runs/ssni-policy-attacks")
     parser.add_argument("--report-only", action="store_true", help="tables from the logs only")
@@ -216,8 +256,6 @@ def main() -> None:
     from ssni.core.policies import SSNI
     from ssni.eval.checks import level_gradient_check
     from ssni.eval.protocol import evaluate
-    from ssni.eval.worst import clean_query_control
-
     built = {}
     for preset in args.presets:
         cfg = load_config(preset, args.overrides)
@@ -234,43 +272,35 @@ def main() -> None:
         net = getattr(parts.score_model, "net", parts.score_model)
         built[preset] = (cfg, parts, x, y, {"score": net, "classifier": parts.classifier})
 
+    setups = {}
     for seed in args.seeds:
         for eps in args.eps:
-            for preset in args.presets:
-                cfg, parts, x, y, modules = built[preset]
-                for name in args.attacks:
-                    run_cfg = cfg.replace(eps=eps, **ATTACKS[name])
-                    setup = build.build_attack(run_cfg, parts.defense)
-                    attack = attacks.Counted(setup.attack.tracking(), modules)
-                    path = _log_path(out, preset, eps, name, seed)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    print(f"seed {seed} eps {eps:g} {preset} {name}: {setup.description}",
-                          flush=True)
-                    evaluate(
-                        parts.defense, attack, (x, y), seeds=[seed], votes=cfg.votes,
-                        worst_of=args.worst_of, batch_size=cfg.batch_size,
-                        surrogate=None if setup.target is parts.defense else setup.target,
-                        log_path=path, progress=args.progress,
-                        sanity_checks=(name == "reference"),
-                        sanity_samples=min(64, x.shape[0]),
-                    )
-            if args.no_control:
-                continue
-        if args.no_control:
-            continue
-        for preset in args.presets:
-            cfg, parts, x, y, _ = built[preset]
-            cpath = out / preset / "control.json"
-            ctl = json.loads(cpath.read_text()) if cpath.exists() else {}
-            if str(seed) in ctl:
-                continue
-            queries = cfg.iterations + 1 + cfg.votes  # the most any attack here makes
-            res = clean_query_control(parts.defense, x, y, queries, seeds=[seed],
-                                      batch_size=cfg.batch_size)
-            ctl[str(seed)] = {"accuracy": res["mean"], "queries": queries}
-            cpath.write_text(json.dumps(ctl, indent=1, sort_keys=True) + "\n")
-            print(f"seed {seed} {preset}: clean accuracy over {queries} queries "
-                  f"{100 * res['mean']:.1f} %", flush=True)
+            n = built[args.presets[0]][2].shape[0]
+            for start in range(0, n, args.block):
+                stop = min(start + args.block, n)
+                for preset in args.presets:
+                    cfg, parts, x, y, modules = built[preset]
+                    for name in args.attacks:
+                        key = (preset, eps, name)
+                        if key not in setups:  # built once (clean-levels probes images)
+                            run_cfg = cfg.replace(eps=eps, **ATTACKS[name])
+                            setups[key] = build.build_attack(run_cfg, parts.defense)
+                        setup = setups[key]
+                        attack = attacks.Counted(setup.attack.tracking(), modules)
+                        folder = _log_dir(out, preset, eps, name, seed)
+                        folder.mkdir(parents=True, exist_ok=True)
+                        print(f"seed {seed} eps {eps:g} images {start}-{stop} {preset} {name}: "
+                              f"{setup.description}", flush=True)
+                        evaluate(
+                            parts.defense, attack, (x[start:stop], y[start:stop]), seeds=[seed],
+                            votes=cfg.votes, worst_of=args.worst_of, batch_size=cfg.batch_size,
+                            surrogate=None if setup.target is parts.defense else setup.target,
+                            log_path=folder / _block_name(start, stop), progress=args.progress,
+                            sanity_checks=(name == "reference" and start == 0),
+                            sanity_samples=min(64, stop - start),
+                        )
+                    if not args.no_control and eps == args.eps[0]:
+                        _control(out, preset, cfg, parts, x, y, seed, start, stop)
 
     sys.exit(1 if report(out, args.presets, args.eps, args.attacks, args.seeds,
                          args.worst_of) else 0)

@@ -8,9 +8,10 @@ diagnostics: ``iterations`` (gradient estimates taken), ``zero_grad`` and ``nonf
 
 With ``track_queries`` on (:meth:`Attack.tracking`), every gradient estimate is followed by one
 no-grad query of the model the attack was called with (the real defense when gradients come from
-a surrogate); ``last_stats["queries"]`` counts them and ``last_stats["per_sample"]["fooled_any"]``
-says whether any query misclassified the sample: the "success at any iteration" protocol of
-DiffBreak (Kassis et al. 2025). Attacks may add other ``(B,)`` tensors to ``per_sample``.
+a surrogate; a :class:`Surrogate` estimate that already made that query is reused);
+``last_stats["queries"]`` counts them and ``last_stats["per_sample"]["fooled_any"]`` says
+whether any query misclassified the sample: the "success at any iteration" protocol of DiffBreak
+(Kassis et al. 2025). Attacks may add other ``(B,)`` tensors to ``per_sample``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..core.validation import check_images
-from .gradients import EOT, GradientEstimator, forward
+from .gradients import EOT, GradientEstimator, Surrogate, forward
 from .losses import Loss, make_loss
 from .threat import ThreatModel
 
@@ -145,8 +146,11 @@ class Attack:
         if loss is not None:
             loss = torch.nan_to_num(loss, nan=float("-inf"))
         if self.track_queries:
-            with torch.no_grad():
-                wrong = forward(model, x_adv, generator).argmax(1) != y
+            if isinstance(self.gradient, Surrogate) and est.logits is not None:
+                wrong = est.logits.argmax(1) != y  # already one query of the real model
+            else:
+                with torch.no_grad():
+                    wrong = forward(model, x_adv, generator).argmax(1) != y
             stats["queries"] += 1
             stats["per_sample"]["fooled_any"] |= wrong.cpu()
         return grad, loss, est.logits

@@ -120,12 +120,14 @@ def clean_query_control(
 ) -> Dict[str, float]:
     """Control of the any-iteration protocol: the fraction of clean images that ``defense``
     classifies right in every one of ``queries`` independent passes (no attack), mean/std over
-    ``seeds``. Returns ``{"mean", "std", "per_seed", "queries"}``."""
+    ``seeds``. Returns ``{"mean", "std", "per_seed", "queries", "flags"}``, ``flags`` one list of
+    per-image booleans (right in every query) per seed."""
     if queries < 1:
         raise ValueError(f"queries must be >= 1, got {queries}")
-    per_seed = []
+    per_seed, flags = [], []
     for seed in seeds:
         right = 0
+        seed_flags: List[bool] = []
         for start in range(0, x.shape[0], batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             gen = keyed_generator(xb.device, int(seed), CONTROL_TAG, start)
@@ -133,7 +135,10 @@ def clean_query_control(
             for _ in range(queries):
                 ok &= forward(defense, xb, gen).argmax(1) == yb
             right += int(ok.sum())
+            seed_flags += [bool(v) for v in ok.tolist()]
         per_seed.append(right / x.shape[0])
+        flags.append(seed_flags)
     out = _mean_std(per_seed)
     out["queries"] = int(queries)
+    out["flags"] = flags
     return out
