@@ -255,3 +255,23 @@ def test_clean_query_control_falls_with_queries():
     many = clean_query_control(defense, x, y, 3, seeds=[121], batch_size=8)
     assert many["mean"] <= one["mean"]
     assert many["queries"] == 3
+
+
+# --- selection by name from the configuration -----------------------------------------------------
+def test_policy_attacks_are_selected_by_name_from_the_config():
+    from ssni.cli import build
+    from ssni.cli.config import ConfigError, RunConfig
+
+    policy = _policy()
+    defense = _defense(policy)
+    cfg = RunConfig(dataset="digits", policy="ssni-n", attack="constrained", gradient="bpda",
+                    iterations=3, eps=0.1, norm_steps=1).replace()
+    setup = build.build_attack(cfg, defense)
+    assert isinstance(setup.attack, TwoPhase)
+    assert setup.attack.steps == 3 and setup.attack.norm_steps == 1
+    assert setup.attack.target == pytest.approx(clean_norm_target(policy, 0.9))
+    with pytest.raises(ConfigError):
+        RunConfig(attack="constrained", policy="constant").replace()
+    with pytest.raises(ConfigError):
+        build.build_attack(cfg, ssni.Defense(defense.classifier, defense.purifier,
+                                             ssni.Constant(0.1)))
