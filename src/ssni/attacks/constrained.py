@@ -13,8 +13,9 @@ Two phases (after the constrained-attack idea of the SSNI adaptive-attack discus
 
 The returned point is the latest iterate that the real defense misclassified with ``e(x)`` at or
 below the target, else the latest misclassified one, else the latest below the target, else the
-last iterate. ``last_stats["per_sample"]`` adds ``min_norm`` (lowest ``e(x)`` measured) and
-``phase1_norm`` (``e(x)`` after phase 1), both ``(B,)``.
+last iterate. ``last_stats["per_sample"]`` adds ``min_norm`` (lowest ``e(x)`` measured),
+``phase1_norm`` (``e(x)`` after phase 1) and ``fooled_norm`` (lowest ``e(x)`` of an iterate the
+defense misclassified, ``inf`` if none), all ``(B,)``.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class TwoPhase(Attack):
         stats = self.last_stats
         phase1 = e.clone()
         min_norm = e.clone()
+        fooled_norm = torch.full_like(e, float("inf"))
         lam = torch.full((b,), self.lam0, device=x.device, dtype=x.dtype)
         best = {k: x_adv.clone() for k in ("fooled_ok", "fooled", "ok")}
         have = {k: torch.zeros(b, dtype=torch.bool, device=x.device) for k in best}
@@ -194,6 +196,7 @@ class TwoPhase(Attack):
             min_norm = torch.minimum(min_norm, e)
             ok = e <= self.target
             fooled = logits.argmax(1) != y
+            fooled_norm = torch.where(fooled, torch.minimum(fooled_norm, e), fooled_norm)
             for key, flag in (("fooled_ok", fooled & ok), ("fooled", fooled), ("ok", ok)):
                 best[key] = torch.where(_bcast(flag, x), x_adv, best[key])
                 have[key] = have[key] | flag
@@ -211,4 +214,5 @@ class TwoPhase(Attack):
         stats.setdefault("per_sample", {})
         stats["per_sample"]["min_norm"] = min_norm.detach().cpu()
         stats["per_sample"]["phase1_norm"] = phase1.detach().cpu()
+        stats["per_sample"]["fooled_norm"] = fooled_norm.detach().cpu()
         return out
