@@ -81,6 +81,18 @@ def read_records(folder: Path):
     return out
 
 
+def _worst_n(folder: Path, default: int) -> int:
+    """N of worst-of-N from the first block log's configuration line."""
+    for path in sorted(folder.glob("images*.jsonl*")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            try:
+                return int(json.loads(f.readline())["config"]["worst_of"])
+            except (ValueError, KeyError, TypeError):
+                break
+    return default
+
+
 def _pct(stat) -> str:
     if stat is None:
         return "-"
@@ -140,6 +152,9 @@ def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
                     members[name] = recs
             if not members:
                 continue
+            worst_n = _worst_n(
+                _log_dir(out, preset, eps, next(iter(members)), seeds[0]), worst_n
+            )
             e_all = np.array([r["score_norm_clean"] for v in members.values() for r in v],
                              dtype=float)
             print(f"\n### {preset}, Linf eps = {eps:g}\n")
