@@ -26,21 +26,18 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .apgd import _bcast
 from .base import Attack
 from .gradients import GradientEstimator
 from .losses import Loss, make_loss
 from .norm import clean_norm_target
-from .threat import ThreatModel
+from .threat import ThreatModel, _per_sample_l2
 
 __all__ = ["TwoPhase", "lower_norm"]
 
 
-def _bcast(v: Tensor, x: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (x.dim() - 1)))
-
-
 def _unit_l2(g: Tensor) -> Tensor:
-    return g / _bcast(g.flatten(1).norm(dim=1).clamp_min(1e-12), g)
+    return g / _per_sample_l2(g).clamp_min(1e-12)
 
 
 def lower_norm(
