@@ -283,6 +283,7 @@ def main() -> None:
     from ssni.core.policies import SSNI
     from ssni.eval.checks import level_gradient_check
     from ssni.eval.protocol import evaluate
+    from ssni.io.lock import LockError
     built = {}
     for preset in args.presets:
         cfg = load_config(preset, args.overrides)
@@ -318,14 +319,19 @@ def main() -> None:
                         folder.mkdir(parents=True, exist_ok=True)
                         print(f"seed {seed} eps {eps:g} images {start}-{stop} {preset} {name}: "
                               f"{setup.description}", flush=True)
-                        evaluate(
-                            parts.defense, attack, (x[start:stop], y[start:stop]), seeds=[seed],
-                            votes=cfg.votes, worst_of=args.worst_of, batch_size=cfg.batch_size,
-                            surrogate=None if setup.target is parts.defense else setup.target,
-                            log_path=folder / _block_name(start, stop), progress=args.progress,
-                            sanity_checks=(name == "reference" and start == 0),
-                            sanity_samples=min(64, stop - start),
-                        )
+                        try:
+                            evaluate(
+                                parts.defense, attack, (x[start:stop], y[start:stop]),
+                                seeds=[seed], votes=cfg.votes, worst_of=args.worst_of,
+                                batch_size=cfg.batch_size,
+                                surrogate=None if setup.target is parts.defense else setup.target,
+                                log_path=folder / _block_name(start, stop),
+                                progress=args.progress,
+                                sanity_checks=(name == "reference" and start == 0),
+                                sanity_samples=min(64, stop - start),
+                            )
+                        except LockError as err:  # another process runs this block
+                            print(f"  skipped: {err}", flush=True)
                     if not args.no_control and eps == args.eps[0]:
                         _control(out, preset, cfg, parts, x, y, seed, start, stop)
 
