@@ -40,7 +40,7 @@ def _defense(policy, steps=3, seed=0):
     return ssni.Defense(TinyClassifier(seed=seed), purifier, policy)
 
 
-# --- clean target and penalty loss --------------------------------------------------------------
+# --- clean target and penalty loss ------------------------
 def test_normal_quantile_matches_known_values():
     assert normal_quantile(0.5) == pytest.approx(0.0, abs=1e-9)
     assert normal_quantile(0.9) == pytest.approx(1.2815516, abs=1e-6)
@@ -70,7 +70,7 @@ def test_norm_penalty_is_base_loss_below_target_and_lower_above():
     assert torch.allclose(above.last_norm, e)
 
 
-# --- constrained two-phase attack ----------------------------------------------------------------
+# --- constrained two-phase attack ------------------------
 def test_lower_norm_descends_the_score_norm_of_a_gaussian_model():
     # analytic score: e(x) grows with the distance of x from the data mean, so descent works
     score = ssni.GaussianScore(mean=0.0, std=0.3)
@@ -128,7 +128,7 @@ def test_two_phase_beats_the_norm_of_plain_pgd_with_a_tight_target():
         lower_norm_check(e_pgd.tolist(), e_two.tolist())
 
 
-# --- clean-level transfer --------------------------------------------------------------------------
+# --- clean-level transfer ------------------------
 def test_sampled_levels_draw_only_given_levels_and_at_levels_keeps_the_rest():
     levels = [0.02, 0.05, 0.07]
     pol = SampledLevels(levels)
@@ -155,7 +155,7 @@ def test_clean_level_transfer_attack_judges_on_the_real_defense():
     assert not torch.equal(x_adv, x)
 
 
-# --- sanity checks -------------------------------------------------------------------------------
+# --- sanity checks ------------------------
 def test_level_gradient_check_passes_and_fails_loudly():
     policy = _policy()
     norms = level_gradient_check(policy, gaussian_images(4, seed=2), _g(0))
@@ -172,7 +172,7 @@ def test_level_gradient_check_passes_and_fails_loudly():
         level_gradient_check(flat, gaussian_images(2), _g(0))
 
 
-# --- query tracking and network calls -----------------------------------------------------------
+# --- query tracking and network calls ------------------------
 def test_tracking_records_success_at_any_iteration_and_counts_calls():
     score = CountingScore(tiny_eps_model(1))
     policy = _policy(score)
@@ -204,7 +204,7 @@ def test_evaluate_records_tracked_statistics():
     assert rec["queries"] == 3
 
 
-# --- protocols and worst case --------------------------------------------------------------------
+# --- protocols and worst case ------------------------
 def _records(rng, seeds=(1, 2), n=20, tracked=True):
     out = []
     for s in seeds:
@@ -257,7 +257,7 @@ def test_clean_query_control_falls_with_queries():
     assert many["queries"] == 3
 
 
-# --- selection by name from the configuration -----------------------------------------------------
+# --- selection by name from the configuration ------------------------
 def test_policy_attacks_are_selected_by_name_from_the_config():
     from ssni.cli import build
     from ssni.cli.config import ConfigError, RunConfig
