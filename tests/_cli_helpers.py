@@ -37,3 +37,25 @@ def tiny_sets(score_path, clf_path, **extra):
     for k, v in values.items():
         out += ["--set", f"{k}={v}"]
     return out
+
+
+def record_splits(tmp_path, monkeypatch, fmnist_dir):
+    """A Fashion-MNIST folder without the test files (reading the test split would fail) and
+    ``ssni.data.load_dataset`` patched to record every split asked for.
+
+    Returns ``(train_only_dir, requested_splits, original_load_dataset)``."""
+    import ssni.data as data
+
+    train_only = tmp_path / "fmnist-train-only"
+    train_only.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (train_only / name).symlink_to(fmnist_dir / name)
+    requested = []
+    original = data.load_dataset
+
+    def recording(name, split="train", data_dir=None):
+        requested.append(split)
+        return original(name, split, data_dir)
+
+    monkeypatch.setattr(data, "load_dataset", recording)
+    return train_only, requested, original

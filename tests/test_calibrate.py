@@ -14,7 +14,7 @@ from ssni.cli.main import main
 from ssni.eval.calibrate import calibrate, load_policy, read_policy_file, save_policy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cli_helpers import tiny_sets, tiny_weights  # noqa: E402
+from _cli_helpers import record_splits, tiny_sets, tiny_weights  # noqa: E402
 
 FMNIST = Path(os.environ.get("SSNI_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 ROW = "fmnist-diffpure-ssni-n-pgd-linf"
@@ -91,19 +91,7 @@ def test_calibrate_command_uses_validation_data_only(tmp_path, monkeypatch, caps
     import ssni.data as data
 
     s, c = tiny_weights(tmp_path)
-    # a data folder without the test files: reading the test split would fail
-    train_only = tmp_path / "fmnist-train-only"
-    train_only.mkdir()
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
-        (train_only / name).symlink_to(FMNIST / name)
-    requested = []
-    original = data.load_dataset
-
-    def recording(name, split="train", data_dir=None):
-        requested.append(split)
-        return original(name, split, data_dir)
-
-    monkeypatch.setattr(data, "load_dataset", recording)
+    train_only, requested, original = record_splits(tmp_path, monkeypatch, FMNIST)
     out = tmp_path / "cal"
     args = ["--quiet", "calibrate", "--preset", ROW, *tiny_sets(s, c, data_dir=train_only),
             "--out", str(out)]

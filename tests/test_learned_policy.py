@@ -14,7 +14,7 @@ from ssni.eval.calibrate import POLICY_KINDS, load_policy, read_policy_file, sav
 from ssni.eval.learn import PolicyData, fit_policy, optimal_levels, policy_features, train_policy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cli_helpers import tiny_sets, tiny_weights  # noqa: E402
+from _cli_helpers import record_splits, tiny_sets, tiny_weights  # noqa: E402
 
 FMNIST = Path(os.environ.get("SSNI_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 ROW = "fmnist-diffpure-ssni-learned-pgd-linf"
@@ -178,18 +178,7 @@ def test_train_policy_reads_validation_data_only(tmp_path, monkeypatch, capsys):
     import ssni.data as data
 
     s, c = tiny_weights(tmp_path)
-    train_only = tmp_path / "fmnist-train-only"  # reading the test split would fail
-    train_only.mkdir()
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
-        (train_only / name).symlink_to(FMNIST / name)
-    requested = []
-    original = data.load_dataset
-
-    def recording(name, split="train", data_dir=None):
-        requested.append(split)
-        return original(name, split, data_dir)
-
-    monkeypatch.setattr(data, "load_dataset", recording)
+    train_only, requested, original = record_splits(tmp_path, monkeypatch, FMNIST)
     out = tmp_path / "lp"
     sets = tiny_sets(s, c, data_dir=train_only, learn_n=8, learn_steps=50,
                      learn_resolution=0.05, learn_weights="1,4")
