@@ -86,6 +86,40 @@ def run(out: Path, seeds: List[int], rows: List[str], extra: List[str]) -> None:
     print(summary(out))
 
 
+def clean_only(out: Path, seeds: List[int], rows: List[str], extra: List[str]) -> None:
+    """The clean half of each row without the attack (cheap): the same passes and probe as
+    ``evaluate`` on the same noise streams, written to ``OUT/<row>/seed<S>/clean.json``."""
+    from ssni.cli import build
+    from ssni.eval.protocol import _passes, _probe
+    from ssni.eval.streams import keyed_generator
+
+    for seed in seeds:
+        for row in rows:
+            cfg = _config(row, seed, extra)
+            implied = build.policy_overrides(cfg)
+            if implied:
+                cfg = cfg.replace(**implied)
+            dest = out / row / f"seed{seed}" / "clean.json"
+            if dest.is_file():
+                continue
+            parts = build.build_components(cfg, generator=build.seeded_generator(cfg.subset_seed))
+            x, y = build.eval_images(cfg)
+            correct, levels = [], []
+            for start in range(0, x.shape[0], cfg.batch_size):
+                xb, yb = x[start : start + cfg.batch_size], y[start : start + cfg.batch_size]
+                gen = keyed_generator(xb.device, seed, start, 0)
+                preds = _passes(parts.defense, xb, cfg.votes, gen)
+                t, _ = _probe(parts.defense, xb, gen)
+                correct += (preds.mode(0).values == yb).tolist()
+                levels += t.tolist()
+            doc = {"clean_acc": sum(correct) / len(correct), "t_clean": levels, "n": len(correct),
+                   "seed": seed, "config": cfg.to_dict()}
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(json.dumps(doc))
+            print(f"[{row} seed {seed}] clean {100 * doc['clean_acc']:.1f} %, mean t "
+                  f"{1000 * sum(levels) / len(levels):.1f}", flush=True)
+
+
 def _complete(dest: Path, n: int) -> bool:
     log = dest / "log.jsonl"
     if not log.is_file():
@@ -126,7 +160,7 @@ def summary(out: Path) -> str:
                 for line in (rep.parent / "log.jsonl").read_text().splitlines()
                 if '"index"' in line
             ]
-            recs = [r for r in recs if "index" in r]
+            recs = [r.get("record", r) for r in recs if "index" in r]
             if len(recs) < cfg["n"]:
                 continue
             t_c = [r["t_clean"] for r in recs if r.get("t_clean") is not None]
@@ -149,10 +183,34 @@ def summary(out: Path) -> str:
         seeds = ",".join(str(p[6]) for p in per_seed)
         lines.append(
             f"| {ATTACKS[_attack_of(row)].split(':')[0]} | {label} | {seeds} | "
-            f"{100 * c_m:.1f} +- {100 * c_s:.1f} | {100 * r_m:.1f} +- {100 * r_s:.1f} | "
+            f"{_pm(c_m, c_s, len(per_seed))} | {_pm(r_m, r_s, len(per_seed))} | "
             f"{avg(4, 1000)} | {avg(5, 1000)} | {avg(2)} | {avg(3)} |"
         )
+    lines += [
+        "",
+        "Clean half only (`--clean-only`: the same passes and noise streams as `evaluate`, no "
+        "attack):",
+        "",
+        "| policy | seeds | clean acc (%) | mean t clean | calls/image |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row, (_, _, label) in ROWS.items():
+        docs = [json.loads(p.read_text()) for p in sorted((out / row).glob("seed*/clean.json"))]
+        if not docs:
+            continue
+        acc = _mean_std([d["clean_acc"] for d in docs])
+        t_all = [v for d in docs for v in d["t_clean"]]
+        calls = _calls(docs[0]["config"], t_all)
+        lines.append(
+            f"| {label} | {','.join(str(d['seed']) for d in docs)} | "
+            f"{_pm(acc[0], acc[1], len(docs))} | {1000 * sum(t_all) / len(t_all):.1f} | "
+            f"{calls:.1f} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def _pm(mean: float, std: float, count: int) -> str:
+    return f"{100 * mean:.1f} +- {100 * std:.1f}" if count > 1 else f"{100 * mean:.1f}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -162,11 +220,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--summary", action="store_true", help="only print the table")
+    parser.add_argument("--clean-only", action="store_true",
+                        help="only the clean half of each row (no attack)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     if args.summary:
         sys.stdout.write(summary(out))
+        return 0
+    if args.clean_only:
+        clean_only(out, args.seeds, args.rows, args.overrides)
         return 0
     run(out, args.seeds, args.rows, args.overrides)
     return 0
