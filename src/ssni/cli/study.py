@@ -208,6 +208,7 @@ def check_identity(
                     f" this code is {now['code']} (commit {now['commit']}); results would mix "
                     "code versions: use another --out, or --accept-code-change"
                 )
+            old.setdefault("first_code", old.get("code"))
             old.setdefault("history", []).append({**now, "how": how, "time": time.time()})
             old["code"] = now["code"]
             _write_json(path, old)

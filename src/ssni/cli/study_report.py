@@ -439,12 +439,22 @@ def _analyze_section(root: Path, figures: Path, rel: str, t_star) -> List[str]:
 def _conclusion(root: Path, t_star: Optional[float]) -> List[str]:
     out = ["## Conclusion so far", ""]
     if t_star is None:
-        return out + [
+        out.append(
             "No conclusion yet: the clean-accuracy stage that picks t* is not finished, so no "
-            "attacked row has run. The numbers below are partial and only describe clean "
-            "purification.",
-            "",
-        ]
+            "attacked row has run, and nothing below says whether SSNI helps. The numbers below "
+            "are partial and only describe clean purification."
+        )
+        guess = next((r for r in st.choose_t_star(root).rows
+                      if r.get("n") and r["drop"] >= st.CLEAN_DROP), None)
+        if guess is not None:
+            out.append(
+                f"Provisional reading, not the protocol's decision: on the {guess['n']} images "
+                f"run so far, t = {guess['t']:g} is the smallest level losing at least "
+                f"{100 * st.CLEAN_DROP:g} clean points ({100 * guess['drop']:.1f} points), so the "
+                f"main table will probably use t* = {guess['t']:g}; smaller levels lose less "
+                "(section 1)."
+            )
+        return out + [""]
     choice = st.choose_t_star(root)
     row_t = next(r for r in choice.rows if r["t"] == t_star)
     out.append(
@@ -565,6 +575,7 @@ def write_results(root: Path, docs: Path, figures: Path) -> List[Path]:
     lines += _attack_block(root, "GNS, PGD-EOT eps = 0.1", "gns", "pgd", st.EPS_MAIN, stage_time)
     lines += _analyze_section(root, figures, rel, t_star)
     lines += _stage_list(plan, states, stage_time, root)
+    lines += _code_versions(root)
     lines += _howto()
     text = "\n".join(lines).rstrip() + "\n"
     docs.write_text(text, encoding="utf-8")
@@ -605,6 +616,34 @@ def _stage_list(plan, states, stage_time, root: Path) -> List[str]:
         lines.append(
             f"| {s.name} | {states[s.name]} | {secs} | {cpu} | {samples} | {per} | {left} |"
         )
+    return lines + [""]
+
+
+def _code_versions(root: Path) -> List[str]:
+    lines = [
+        "## Code versions",
+        "",
+        "Per stage folder: the fingerprint of the code that computes its numbers, the commit "
+        "that first wrote it, and every later change of code it accepted (and how). A commit "
+        "that is not on the main line is a pre-merge commit of the study code; the fingerprint, "
+        "not the commit, identifies the code that computed the numbers.",
+        "",
+        "| stage folder | first code | first commit | later code accepted |",
+        "|---|---|---|---|",
+    ]
+    found = False
+    for path in sorted(root.rglob("identity.json")):
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        hist = doc.get("history", [])
+        later = "; ".join(
+            f"{h['code']} (commit {h.get('commit', '?')}): {h.get('how', '?')}" for h in hist
+        )
+        code = doc.get("first_code", doc.get("code")) if not hist else doc.get("first_code", "?")
+        rel = path.parent.relative_to(root).as_posix()
+        lines.append(f"| {rel} | {code} | {doc.get('commit', '?')} | {later or '-'} |")
+        found = True
+    if not found:
+        lines.append("| - | - | - | - |")
     return lines + [""]
 
 
