@@ -27,6 +27,7 @@ changed is refused (random streams or algorithms may differ) unless ``--accept-c
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import logging
@@ -147,9 +148,11 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+@functools.cache
 def code_fingerprint(kind: str) -> str:
     """SHA-256 over the syntax trees (docstrings and comments dropped) of the modules that
-    compute a ``kind`` stage's numbers: formatting and documentation changes keep it."""
+    compute a ``kind`` stage's numbers: formatting and documentation changes keep it. Read once
+    per process, so files edited under a running study do not change its identity."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for pattern in CODE_MODULES[kind]:
