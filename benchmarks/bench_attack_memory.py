@@ -52,13 +52,13 @@ def run_setting(steps: int, checkpoint: bool, batch: int) -> dict:
     net = UNet(in_channels=1, base_channels=32, channel_mults=(1, 2, 2), attn_levels=(2,))
     score = ssni.EpsilonNetwork(net, time_scale=1000.0)
     classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
-    purifier = ssni.DiffPure(score, steps=steps, checkpoint=checkpoint)
+    purifier = ssni.DiffPure(score, reverse_steps=steps, checkpoint=checkpoint)
     defense = ssni.Defense(classifier, purifier, ssni.Constant(0.1))
     for p in defense.parameters():
         p.requires_grad_(False)
     x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     y = torch.arange(batch) % 10
-    attack = PGD(ThreatModel("Linf", 8 / 255), steps=1, eot=1)
+    attack = PGD(ThreatModel("Linf", 8 / 255), iterations=1, eot=1)
     with torch.no_grad():  # warm-up: allocator pools and kernels, no graph
         defense(x, generator=torch.Generator().manual_seed(2))
     before = _rss_now_kib()

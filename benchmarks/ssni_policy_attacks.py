@@ -321,10 +321,9 @@ def main() -> None:
                               f"{setup.description}", flush=True)
                         try:
                             evaluate(
-                                parts.defense, attack, (x[start:stop], y[start:stop]),
+                                setup.target, attack, (x[start:stop], y[start:stop]),
                                 seeds=[seed], votes=cfg.votes, worst_of=args.worst_of,
                                 batch_size=cfg.batch_size,
-                                surrogate=None if setup.target is parts.defense else setup.target,
                                 log_path=folder / _block_name(start, stop),
                                 progress=args.progress,
                                 sanity_checks=(name == "reference" and start == 0),

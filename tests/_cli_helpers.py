@@ -44,7 +44,7 @@ def record_splits(tmp_path, monkeypatch, fmnist_dir):
     ``ssni.data.load_dataset`` patched to record every split asked for.
 
     Returns ``(train_only_dir, requested_splits, original_load_dataset)``."""
-    import ssni.data as data
+    import ssni.data.registry as data  # the one dataset registry every loader goes through
 
     train_only = tmp_path / "fmnist-train-only"
     train_only.mkdir()

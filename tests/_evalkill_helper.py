@@ -30,11 +30,11 @@ class SlowClassifier(TinyClassifier):
 
 def build():
     score = ssni.GaussianScore(mean=0.0, std=0.25)
-    policy = ssni.SSNI(score, t_star=0.1, levels=4)
+    policy = ssni.SSNI(score, t_star=0.1, probe_levels=4)
     policy.fit([gaussian_images(32, seed=9)], generator=torch.Generator().manual_seed(0))
-    defense = ssni.Defense(SlowClassifier(seed=3), ssni.DiffPure(score, steps=3), policy)
+    defense = ssni.Defense(SlowClassifier(seed=3), ssni.DiffPure(score, reverse_steps=3), policy)
     data = (gaussian_images(N_SAMPLES, seed=1), torch.arange(N_SAMPLES) % 10)
-    attack = PGD(ThreatModel("Linf", 0.05), steps=3, step_size=0.02, eot=2)
+    attack = PGD(ThreatModel("Linf", 0.05), iterations=3, step_size=0.02, eot=2)
     return defense, attack, data
 
 

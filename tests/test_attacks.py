@@ -38,13 +38,13 @@ def _ce_grad(model, x, y, generator=None):
 
 def _defense(steps=4, checkpoint=False, policy=None, seed=0):
     score = tiny_eps_model(seed)
-    purifier = ssni.DiffPure(score, steps=steps, checkpoint=checkpoint)
+    purifier = ssni.DiffPure(score, reverse_steps=steps, checkpoint=checkpoint)
     return ssni.Defense(TinyClassifier(seed=seed), purifier, policy or ssni.Constant(0.1))
 
 
 def _fitted_ssni(differentiable=False):
     score = tiny_eps_model(1)
-    policy = ssni.SSNI(score, t_star=0.1, levels=4, differentiable=differentiable)
+    policy = ssni.SSNI(score, t_star=0.1, probe_levels=4, differentiable=differentiable)
     return policy.fit([gaussian_images(32, seed=5)], generator=_g(0))
 
 
@@ -78,8 +78,8 @@ class _Recorder(nn.Module):
 
 @pytest.mark.parametrize("threat", THREATS, ids=lambda t: t.norm)
 @pytest.mark.parametrize(
-    "make", [lambda th: PGD(th, steps=6, step_size=0.2, eot=1, random_start=True),
-             lambda th: APGD(th, steps=6, eot=1)],
+    "make", [lambda th: PGD(th, iterations=6, step_size=0.2, eot=1, random_start=True),
+             lambda th: APGD(th, iterations=6, eot=1)],
     ids=["PGD", "APGD"],
 )
 def test_every_iterate_in_ball_and_box(threat, make):
@@ -139,12 +139,15 @@ def test_surrogate_gradients_from_surrogate_losses_from_real_model():
 @pytest.mark.parametrize(
     "name,make",
     [
-        ("PGD-Linf", lambda: PGD(ThreatModel("Linf", 0.2), steps=20, step_size=0.05, eot=1)),
-        ("PGD-L2", lambda: PGD(ThreatModel("L2", 1.0), steps=20, step_size=0.25, eot=1)),
-        ("APGD-CE-Linf", lambda: APGD(ThreatModel("Linf", 0.2), steps=20, eot=1)),
-        ("APGD-DLR-Linf", lambda: APGD(ThreatModel("Linf", 0.2), loss="dlr", steps=20, eot=1)),
-        ("APGD-CE-L2", lambda: APGD(ThreatModel("L2", 1.0), steps=20, eot=1)),
-        ("AutoAttack-rand", lambda: autoattack_rand(ThreatModel("Linf", 0.2), steps=20, eot=1)),
+        ("PGD-Linf", lambda: PGD(ThreatModel("Linf", 0.2), iterations=20, step_size=0.05, eot=1)),
+        ("PGD-L2", lambda: PGD(ThreatModel("L2", 1.0), iterations=20, step_size=0.25, eot=1)),
+        ("APGD-CE-Linf", lambda: APGD(ThreatModel("Linf", 0.2), iterations=20, eot=1)),
+        ("APGD-DLR-Linf", lambda: APGD(ThreatModel("Linf", 0.2), loss="dlr", iterations=20, eot=1)),
+        ("APGD-CE-L2", lambda: APGD(ThreatModel("L2", 1.0), iterations=20, eot=1)),
+        (
+            "AutoAttack-rand",
+            lambda: autoattack_rand(ThreatModel("Linf", 0.2), iterations=20, eot=1),
+        ),
     ],
 )
 def test_attacks_break_undefended_classifier(name, make):
@@ -178,7 +181,7 @@ def test_relaxed_policy_has_gradient_through_score_norm():
     policy = _fitted_ssni()
     x = gaussian_images(4, seed=6).requires_grad_(True)
     assert not policy(x, generator=_g(0)).requires_grad  # the reference probe is not differentiated
-    d = ssni.Defense(TinyClassifier(), ssni.DiffPure(tiny_eps_model(2), steps=3), policy)
+    d = ssni.Defense(TinyClassifier(), ssni.DiffPure(tiny_eps_model(2), reverse_steps=3), policy)
     soft = relaxed(d)
     assert soft.policy.differentiable and not d.policy.differentiable
     t = soft.policy(x, generator=_g(0))
@@ -198,7 +201,7 @@ def test_score_norm_aware_loss_lowers_the_score_norm():
     x = gaussian_images(16, seed=7)
     y = torch.zeros(16, dtype=torch.long)
     threat = ThreatModel("Linf", 0.05)
-    attack = PGD(threat, steps=8, step_size=0.01, eot=1, loss=ScoreNormLoss(policy, lam=100.0))
+    attack = PGD(threat, iterations=8, step_size=0.01, eot=1, loss=ScoreNormLoss(policy, lam=100.0))
     x_adv = attack(model, x, y, _g(0))
     with torch.no_grad():
         e_clean = policy.score_norm(x, generator=_g(1))

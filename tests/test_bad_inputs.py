@@ -137,7 +137,7 @@ def test_bad_input_exits_with_one_line(files, tmp_path, capsys, args, code, frag
 
 
 def test_a_policy_file_agreeing_with_explicit_keys_is_fine(files):
-    from ssni.cli.evaluate import _load
+    from ssni.cli.common import load_run_config as _load
 
     class Args:
         preset = PRESET
@@ -162,9 +162,9 @@ def _eval(x, y, **kw):
     from _models import TinyClassifier
     from ssni.attacks import PGD, ThreatModel
 
-    defense = ssni.Defense(TinyClassifier(), ssni.DiffPure(ssni.GaussianScore(), steps=2),
+    defense = ssni.Defense(TinyClassifier(), ssni.DiffPure(ssni.GaussianScore(), reverse_steps=2),
                            ssni.Constant(0.05))
-    attack = PGD(ThreatModel("Linf", 0.03), steps=1, step_size=0.01)
+    attack = PGD(ThreatModel("Linf", 0.03), iterations=1, step_size=0.01)
     return ssni.evaluate(defense, attack, (x, y), seeds=[1], sanity_checks=False, **kw)
 
 
@@ -181,7 +181,7 @@ def _file_model(path):
 def _purify(model, x):
     import ssni
 
-    return ssni.DiffPure(model, steps=1)(x, 0.05)
+    return ssni.DiffPure(model, reverse_steps=1)(x, 0.05)
 
 
 def _fit_flat(x):
@@ -192,7 +192,7 @@ def _fit_flat(x):
         def eps(self, x, t):
             return torch.zeros_like(x)
 
-    return ssni.SSNI(Zero(), t_star=0.1, levels=2).fit([x], generator=torch.Generator())
+    return ssni.SSNI(Zero(), t_star=0.1, probe_levels=2).fit([x], generator=torch.Generator())
 
 
 def _policy(w, name):

@@ -39,7 +39,7 @@ def _data(n, seed, shift=0.0):
 def test_policy_file_round_trip(tmp_path, suffix):
     model = ssni.GaussianScore(std=0.3)
     x, _ = _data(32, 0)
-    policy = ssni.SSNI(model, t_star=0.1, reweight="linear", bias=0.02, levels=4)
+    policy = ssni.SSNI(model, t_star=0.1, reweight="linear", bias=0.02, probe_levels=4)
     policy.fit([x], torch.Generator().manual_seed(0))
     path = save_policy(tmp_path / f"p{suffix}", policy, info={"note": "test"})
     assert read_policy_file(path)["info"]["note"] == "test"
@@ -59,14 +59,14 @@ def test_policy_file_round_trip(tmp_path, suffix):
 @pytest.mark.parametrize("reweight", ["sigmoid", "linear"])
 def test_grid_search_respects_objective_and_constraint(reweight):
     model = ssni.GaussianScore(std=0.3)
-    purifier = ssni.DiffPure(model, steps=2)
+    purifier = ssni.DiffPure(model, reverse_steps=2)
     clf = MeanThreshold()
     x_stats, _ = _data(32, 0)
     x_cal, y_cal = _data(48, 1)
     x_adv = (x_cal + 0.05 * (1 - 2 * y_cal.float())[:, None, None, None]).clamp(0, 1)
     kwargs = dict(taus=(0.5, 1.0, 2.0), biases=(-0.05, 0.0, 0.05), resolution=0.02,
                   generator=torch.Generator().manual_seed(0))
-    policy = ssni.SSNI(model, t_star=0.1, reweight=reweight, levels=3)
+    policy = ssni.SSNI(model, t_star=0.1, reweight=reweight, probe_levels=3)
     res = calibrate(policy, purifier, clf, x_stats, x_cal, y_cal, x_adv, **kwargs)
     assert policy.fitted and res.n_stats == 32 and res.n_calibration == 48
     expected_pairs = 3 * 3 if reweight == "sigmoid" else 2  # SSNI-L: one tau, no negative b
@@ -77,7 +77,7 @@ def test_grid_search_respects_objective_and_constraint(reweight):
         assert res.chosen["clean_acc"] == max(r["clean_acc"] for r in feasible)
     assert policy.bias == res.chosen["bias"] and policy.tau == res.chosen["tau"]
     for weight, key in ((1.0, "clean_acc"), (0.0, "robust_acc")):
-        p = ssni.SSNI(model, t_star=0.1, reweight=reweight, levels=3)
+        p = ssni.SSNI(model, t_star=0.1, reweight=reweight, probe_levels=3)
         r = calibrate(p, purifier, clf, x_stats, x_cal, y_cal, x_adv, objective="weighted",
                       weight=weight, **kwargs)
         assert r.chosen[key] == max(row[key] for row in r.table)
@@ -88,7 +88,7 @@ def test_grid_search_respects_objective_and_constraint(reweight):
 @pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
                     reason="Fashion-MNIST idx files not installed")
 def test_calibrate_command_uses_validation_data_only(tmp_path, monkeypatch, capsys):
-    import ssni.data as data
+    import ssni.data.registry as registry
 
     s, c = tiny_weights(tmp_path)
     train_only, requested, original = record_splits(tmp_path, monkeypatch, FMNIST)
@@ -102,7 +102,7 @@ def test_calibrate_command_uses_validation_data_only(tmp_path, monkeypatch, caps
     cal = json.loads((out / "calibration.json").read_text())
     assert len(cal["table"]) == 3 * 2 and cal["chosen"]["bias"] in (0.0, 0.05)
     # evaluate accepts the policy file; the resolved configuration shows its tau and b
-    monkeypatch.setattr(data, "load_dataset", original)
+    monkeypatch.setattr(registry, "load_dataset", original)
     run = tmp_path / "run"
     assert main(["--quiet", "evaluate", "--preset", ROW, *tiny_sets(s, c),
                  "--set", f"policy_file={out / 'policy.json'}", "--out", str(run)]) == 0

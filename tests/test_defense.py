@@ -9,7 +9,7 @@ from _models import TinyClassifier, gaussian_images, tiny_eps_model
 
 def _defense(rule, checkpoint, model=None):
     model = model or tiny_eps_model()
-    purifier = ssni.DiffPure(model, rule=rule, step_size=0.01, checkpoint=checkpoint)
+    purifier = ssni.DiffPure(model, rule=rule, reverse_step_size=0.01, checkpoint=checkpoint)
     return ssni.Defense(TinyClassifier(), purifier, ssni.Constant(0.05))
 
 
@@ -35,7 +35,7 @@ def test_defense_gradients_finite_nonzero_and_checkpoint_exact(rule):
 
 def test_gradients_with_mixed_per_sample_levels_have_no_nan():
     model = tiny_eps_model()
-    purifier = ssni.DiffPure(model, step_size=0.01)
+    purifier = ssni.DiffPure(model, reverse_step_size=0.01)
     x = gaussian_images(4).requires_grad_(True)
     t = torch.tensor([0.0, 0.02, 0.05, 0.1])
     out = purifier(x, t, generator=torch.Generator().manual_seed(0))
@@ -52,27 +52,29 @@ def test_diffpure_outputs_images_and_reports_nfe():
     assert out.x.shape == x.shape and out.x.min() >= 0 and out.x.max() <= 1
     assert out.nfe.tolist() == [0, 10, 100]
     assert torch.allclose(out.x[0], x[0], atol=1e-6)
-    fixed = ssni.DiffPure(model, steps=5).run(x, torch.tensor([0.0, 0.01, 0.1]))
+    fixed = ssni.DiffPure(model, reverse_steps=5).run(x, torch.tensor([0.0, 0.01, 0.1]))
     assert fixed.nfe.tolist() == [0, 5, 5]
 
 
 def test_diffpure_accepts_float_level_like_tensor():
     model = ssni.GaussianScore()
     x = gaussian_images(3)
-    a = ssni.DiffPure(model, steps=3)(x, 0.05, generator=torch.Generator().manual_seed(1))
-    b = ssni.DiffPure(model, steps=3)(x, torch.full((3,), 0.05), torch.Generator().manual_seed(1))
+    a = ssni.DiffPure(model, reverse_steps=3)(x, 0.05, generator=torch.Generator().manual_seed(1))
+    b = ssni.DiffPure(model, reverse_steps=3)(
+        x, torch.full((3,), 0.05), torch.Generator().manual_seed(1)
+    )
     assert torch.equal(a, b)
 
 
 def test_straight_through_gradient_is_identity():
     model = tiny_eps_model()
-    purifier = ssni.StraightThrough(ssni.DiffPure(model, step_size=0.01))
+    purifier = ssni.StraightThrough(ssni.DiffPure(model, reverse_step_size=0.01))
     x = gaussian_images(2).requires_grad_(True)
     out = purifier(x, 0.05, generator=torch.Generator().manual_seed(0))
     w = torch.randn_like(out)
     (grad,) = torch.autograd.grad((out * w).sum(), x)
     assert torch.equal(grad, w)
-    ref = ssni.DiffPure(model, step_size=0.01)(x, 0.05, torch.Generator().manual_seed(0))
+    ref = ssni.DiffPure(model, reverse_step_size=0.01)(x, 0.05, torch.Generator().manual_seed(0))
     assert torch.allclose(out, ref)
 
 

@@ -24,14 +24,14 @@ HELPER = HERE / "_evalkill_helper.py"
 
 def _digits_defense(steps=2):
     score = ssni.GaussianScore(mean=-0.5, std=0.6)
-    return ssni.Defense(trained_digits_mlp(), ssni.DiffPure(score, steps=steps),
+    return ssni.Defense(trained_digits_mlp(), ssni.DiffPure(score, reverse_steps=steps),
                         ssni.Constant(0.02))
 
 
 def _small_eval(tmp_path=None, **kw):
     x, y = digits_test(10)
     defense = _digits_defense()
-    attack = PGD(ThreatModel("Linf", 0.2), steps=4, step_size=0.05, eot=2)
+    attack = PGD(ThreatModel("Linf", 0.2), iterations=4, step_size=0.05, eot=2)
     args = dict(seeds=[1, 2], votes=3, worst_of=3, batch_size=4, sanity_samples=8)
     args.update(kw)
     return evaluate(defense, attack, (x, y), **args)
@@ -66,12 +66,13 @@ def test_report_contents_and_invariants():
 def test_batches_or_tensors_give_the_same_report():
     x, y = digits_test(10)
     a = _small_eval(seeds=[3], sanity_checks=False)
-    b = evaluate(_digits_defense(), PGD(ThreatModel("Linf", 0.2), steps=4, step_size=0.05, eot=2),
+    b = evaluate(_digits_defense(), PGD(ThreatModel("Linf", 0.2), iterations=4,
+                                       step_size=0.05, eot=2),
                  [(x[:3], y[:3]), (x[3:], y[3:])], seeds=[3], votes=3, worst_of=3, batch_size=4,
                  sanity_checks=False)
     assert a.to_dict() == b.to_dict()
     # clean results do not depend on the attack (paired comparisons between attacks)
-    c = evaluate(_digits_defense(), APGD(ThreatModel("L2", 0.5), steps=2, eot=1), (x, y),
+    c = evaluate(_digits_defense(), APGD(ThreatModel("L2", 0.5), iterations=2, eot=1), (x, y),
                  seeds=[3], votes=3, worst_of=3, batch_size=4, sanity_checks=False)
     for ra, rc in zip(a.records, c.records):
         assert ra["clean_passes"] == rc["clean_passes"] and ra["t_clean"] == rc["t_clean"]
@@ -79,10 +80,10 @@ def test_batches_or_tensors_give_the_same_report():
 
 def test_ssni_records_and_surrogate(tmp_path):
     score = ssni.GaussianScore(mean=-0.5, std=0.6)
-    policy = ssni.SSNI(score, t_star=0.05, levels=3).fit([digits_test()[0][100:164]])
-    defense = ssni.Defense(trained_digits_mlp(), ssni.DiffPure(score, steps=2), policy)
+    policy = ssni.SSNI(score, t_star=0.05, probe_levels=3).fit([digits_test()[0][100:164]])
+    defense = ssni.Defense(trained_digits_mlp(), ssni.DiffPure(score, reverse_steps=2), policy)
     x, y = digits_test(6)
-    r = evaluate(defense, APGD(ThreatModel("L2", 1.0), steps=3, eot=1), (x, y), seeds=[0],
+    r = evaluate(defense, APGD(ThreatModel("L2", 1.0), iterations=3, eot=1), (x, y), seeds=[0],
                  surrogate=bpda(defense), batch_size=3, sanity_checks=False)
     assert r.config["surrogate"] is not None
     for rec in r.records:
@@ -100,7 +101,7 @@ def test_restart_skips_done_work_and_gives_same_report(tmp_path):
     def exploding(*a, **k):
         raise AssertionError("a finished sample was attacked again")
 
-    attack = PGD(ThreatModel("Linf", 0.2), steps=4, step_size=0.05, eot=2)
+    attack = PGD(ThreatModel("Linf", 0.2), iterations=4, step_size=0.05, eot=2)
     attack.perturb = exploding
     x, y = digits_test(10)
     again = evaluate(_digits_defense(), attack, (x, y), seeds=[1, 2], votes=3, worst_of=3,
@@ -141,17 +142,20 @@ def test_sanity_warnings():
     r = _small_eval(seeds=[1], sanity_checks=True, votes=1, worst_of=1)
     assert r.warnings == []
     x, y = digits_test(8)
-    r = evaluate(_digits_defense(), PGD(ThreatModel("Linf", 0.2), steps=3, step_size=0.05, eot=1),
+    r = evaluate(_digits_defense(), PGD(ThreatModel("Linf", 0.2), iterations=3,
+                                       step_size=0.05, eot=1),
                  (x, y), seeds=[1], batch_size=8, sanity_samples=8)
     assert any("EOT = 1" in w for w in r.warnings)
     # an attack too weak to break the undefended classifier
-    r = evaluate(_digits_defense(), PGD(ThreatModel("Linf", 0.2), steps=1, step_size=1e-3, eot=2),
+    r = evaluate(_digits_defense(), PGD(ThreatModel("Linf", 0.2), iterations=1,
+                                       step_size=1e-3, eot=2),
                  (x, y), seeds=[1], batch_size=8, sanity_samples=8)
     assert any("undefended" in w for w in r.warnings)
     # gradients that never reach the input
-    d = ssni.Defense(_Detached(), ssni.DiffPure(tiny_eps_model(), steps=2), ssni.Constant(0.05))
+    purifier = ssni.DiffPure(tiny_eps_model(), reverse_steps=2)
+    d = ssni.Defense(_Detached(), purifier, ssni.Constant(0.05))
     xg = gaussian_images(4, seed=2)
-    r = evaluate(d, PGD(ThreatModel("L2", 0.5), steps=2, eot=2), (xg, torch.arange(4)),
+    r = evaluate(d, PGD(ThreatModel("L2", 0.5), iterations=2, eot=2), (xg, torch.arange(4)),
                  seeds=[1], batch_size=4, sanity_samples=4)
     assert any("all-zero input gradient" in w for w in r.warnings)
 

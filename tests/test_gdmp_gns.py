@@ -31,16 +31,16 @@ def _off_distribution(n=16, size=8, seed=0):
 def test_gdmp_scale_zero_equals_diffpure(distance):
     model, x = _model(), gaussian_images(4)
     t = torch.tensor([0.05, 0.1, 0.0, 0.2])
-    ours = GDMP(model, scale=0.0, rounds=1, distance=distance, steps=6).run(x, t, _gen(3))
-    ref = ssni.DiffPure(model, steps=6).run(x, t, _gen(3))
+    ours = GDMP(model, scale=0.0, rounds=1, distance=distance, reverse_steps=6).run(x, t, _gen(3))
+    ref = ssni.DiffPure(model, reverse_steps=6).run(x, t, _gen(3))
     assert torch.equal(ours.x, ref.x)
     assert torch.equal(ours.nfe, ref.nfe)
 
 
 def test_gdmp_rounds_chain_diffpure_passes_in_model_space():
     model, x, t = _model(), gaussian_images(3), torch.tensor([0.1, 0.05, 0.2])
-    ours = GDMP(model, scale=0.0, rounds=3, steps=4).run(x, t, _gen(1))
-    dp, g, z = ssni.DiffPure(model, steps=4), _gen(1), to_model_space(x)
+    ours = GDMP(model, scale=0.0, rounds=3, reverse_steps=4).run(x, t, _gen(1))
+    dp, g, z = ssni.DiffPure(model, reverse_steps=4), _gen(1), to_model_space(x)
     nfe = 0
     for _ in range(3):
         out = dp.denoise(z, t, g)
@@ -56,8 +56,8 @@ def test_gdmp_guidance_keeps_outputs_closer_to_input(distance, t):
     model, x = _model(), _off_distribution()
     gaps = {}
     for name, p in {
-        "diffpure": ssni.DiffPure(model, steps=20),
-        "gdmp": GDMP(model, rounds=1, steps=20, distance=distance),
+        "diffpure": ssni.DiffPure(model, reverse_steps=20),
+        "gdmp": GDMP(model, rounds=1, reverse_steps=20, distance=distance),
     }.items():
         gaps[name] = torch.stack(
             [(p(x, t, generator=_gen(s)) - x).flatten(1).norm(dim=1) for s in range(3)]
@@ -68,7 +68,9 @@ def test_gdmp_guidance_keeps_outputs_closer_to_input(distance, t):
 def test_gdmp_larger_scale_pulls_harder():
     model, x = _model(), _off_distribution()
     gaps = [
-        float((GDMP(model, rounds=1, steps=20, scale=s)(x, 0.1, generator=_gen(0)) - x).norm())
+        float(
+            (GDMP(model, rounds=1, reverse_steps=20, scale=s)(x, 0.1, generator=_gen(0)) - x).norm()
+        )
         for s in (0.0, 2.0, 10.0)
     ]
     assert gaps[0] > gaps[1] > gaps[2]
@@ -105,7 +107,7 @@ def test_distance_gradients_match_autograd():
 def test_gdmp_gradients_exact_through_guidance(distance):
     """Full-gradient attacks differentiate through the guidance: autograd = finite differences."""
     model = ssni.GaussianScore(mean=0.0, std=0.5)
-    p = GDMP(model, rounds=2, steps=3, distance=distance, scale=5.0)
+    p = GDMP(model, rounds=2, reverse_steps=3, distance=distance, scale=5.0)
     x = (0.3 + 0.4 * torch.rand(1, 1, 4, 4, generator=_gen(2))).double().requires_grad_(True)
     t = torch.tensor([0.05], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda z: p(z, t, generator=_gen(7)), (x,), atol=1e-6)
@@ -114,19 +116,22 @@ def test_gdmp_gradients_exact_through_guidance(distance):
 def test_gdmp_scale_schedules():
     model, x, t = _model(), gaussian_images(3), torch.tensor([0.1, 0.05, 0.2])
     vp = model.schedule
-    a = GDMP(model, rounds=1, steps=5)(x, t, generator=_gen())
+    a = GDMP(model, rounds=1, reverse_steps=5)(x, t, generator=_gen())
     b = GDMP(
-        model, rounds=1, steps=5, scale_schedule=lambda s: vp.sigma(s) / vp.alpha_bar(s).sqrt()
+        model,
+        rounds=1,
+        reverse_steps=5,
+        scale_schedule=lambda s: vp.sigma(s) / vp.alpha_bar(s).sqrt(),
     )(x, t, generator=_gen())
-    c = GDMP(model, rounds=1, steps=5, scale_schedule="constant")(x, t, generator=_gen())
+    c = GDMP(model, rounds=1, reverse_steps=5, scale_schedule="constant")(x, t, generator=_gen())
     assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(a, c)
 
 
 def test_gdmp_fixed_guidance_noise_is_deterministic_and_differs_from_fresh():
     model, x = _model(), gaussian_images(3)
-    fixed = GDMP(model, rounds=2, steps=4, fixed_guidance_noise=True)
-    fresh = GDMP(model, rounds=2, steps=4)
+    fixed = GDMP(model, rounds=2, reverse_steps=4, fixed_guidance_noise=True)
+    fresh = GDMP(model, rounds=2, reverse_steps=4)
     assert torch.equal(fixed(x, 0.1, generator=_gen(5)), fixed(x, 0.1, generator=_gen(5)))
     assert not torch.equal(fixed(x, 0.1, generator=_gen(5)), fresh(x, 0.1, generator=_gen(5)))
 
@@ -144,7 +149,7 @@ def test_gdmp_published_defaults():
         {"distance": "l1"},
         {"rounds": 0},
         {"scale_schedule": "linear"},
-        {"steps": 0},
+        {"reverse_steps": 0},
     ],
 )
 def test_gdmp_rejects_bad_arguments(kwargs):
@@ -159,8 +164,8 @@ def test_gdmp_rejects_bad_arguments(kwargs):
 def test_gns_one_stage_equals_diffpure(steps):
     model, x = _model(), gaussian_images(4)
     t = torch.tensor([0.1, 0.05, 0.0, 0.1])
-    ours = GNS(model, stages=(0.1,), steps=steps).run(x, t, _gen(2))
-    ref = ssni.DiffPure(model, steps=steps).run(x, t, _gen(2))
+    ours = GNS(model, stages=(0.1,), reverse_steps=steps).run(x, t, _gen(2))
+    ref = ssni.DiffPure(model, reverse_steps=steps).run(x, t, _gen(2))
     assert torch.equal(ours.x, ref.x)
     assert torch.equal(ours.nfe, ref.nfe)
 
@@ -202,7 +207,7 @@ def test_gns_published_defense_and_surrogate_nfe():
 def test_gns_per_stage_steps_and_gradient_wrt_t():
     model, x = _model(), gaussian_images(2)
     t = torch.tensor([0.1, 0.06], requires_grad=True)
-    out = GNS(model, stages=(0.05, 0.1), steps=(2, 3)).run(x, t, _gen())
+    out = GNS(model, stages=(0.05, 0.1), reverse_steps=(2, 3)).run(x, t, _gen())
     assert out.nfe.tolist() == [5, 5]
     (gt,) = torch.autograd.grad(out.x.sum(), t)
     assert bool(torch.isfinite(gt).all()) and float(gt.abs().sum()) > 0
@@ -215,8 +220,8 @@ def test_gns_per_stage_steps_and_gradient_wrt_t():
         {"stages": (0.0, 0.1)},
         {"stages": (0.1, 1.5)},
         {"reference_t": 0.0},
-        {"steps": (1, 2)},
-        {"steps": 0},
+        {"reverse_steps": (1, 2)},
+        {"reverse_steps": 0},
         {"step_size": 0.0},
     ],
 )
@@ -229,7 +234,7 @@ def test_gns_rejects_bad_arguments(kwargs):
 
 
 def _fitted_ssni(model, t_star):
-    policy = ssni.SSNI(model, t_star=t_star, levels=2)
+    policy = ssni.SSNI(model, t_star=t_star, probe_levels=2)
     return policy.fit([gaussian_images(32, seed=s) for s in range(2)], generator=_gen(9))
 
 
@@ -237,10 +242,10 @@ def _fitted_ssni(model, t_star):
 def test_ssni_with_gdmp_and_gns(kind):
     model = CountingScore(_model())
     if kind == "gdmp":
-        purifier = GDMP(model, rounds=2, step_size=1e-2)
+        purifier = GDMP(model, rounds=2, reverse_step_size=1e-2)
         t_star = 0.1
     else:
-        purifier = GNS(model, stages=(0.05, 0.1), step_size=1e-2)
+        purifier = GNS(model, stages=(0.05, 0.1), reverse_step_size=1e-2)
         t_star = purifier.reference_t
     policy = _fitted_ssni(model, t_star)
     defense = ssni.Defense(TinyClassifier(), purifier, policy)

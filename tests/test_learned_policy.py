@@ -42,7 +42,7 @@ def test_features_come_from_the_ssni_probe():
     policy = _policy(levels=5)
     x = _images(6, 2)
     e, feats = policy.probe(x, generator=torch.Generator().manual_seed(3))
-    e_ssni = ssni.eps_score_norm(policy.model, x, levels=5,
+    e_ssni = ssni.eps_score_norm(policy.model, x, probe_levels=5,
                                  generator=torch.Generator().manual_seed(3))
     assert torch.allclose(e, e_ssni)
     assert feats.shape == (6, len(feature_names(5))) == (6, 5 + 3)
@@ -77,7 +77,7 @@ def test_the_level_is_differentiable_and_monotone_in_e():
     # through a defense: the gradient of the logits reaches the input via t(x) as well
     defense = ssni.relaxed(ssni.Defense(torch.nn.Sequential(torch.nn.Flatten(),
                                                             torch.nn.Linear(64, 3)),
-                                        ssni.DiffPure(policy.model, steps=2),
+                                        ssni.DiffPure(policy.model, reverse_steps=2),
                                         _policy(differentiable=False)))
     assert defense.policy.differentiable
     xr = _images(4, 7).requires_grad_(True)

@@ -23,10 +23,10 @@ def test_eps_probe_batches_all_levels_in_one_call():
     from _models import CountingScore
 
     counting = CountingScore(MODEL)
-    e = ssni.eps_score_norm(counting, gaussian_images(5), levels=20)
+    e = ssni.eps_score_norm(counting, gaussian_images(5), probe_levels=20)
     assert e.shape == (5,) and counting.calls == 1 and counting.rows == 100
     chunked = CountingScore(MODEL)
-    ssni.eps_score_norm(chunked, gaussian_images(5), levels=20, chunk_size=30)
+    ssni.eps_score_norm(chunked, gaussian_images(5), probe_levels=20, chunk_size=30)
     assert chunked.calls == 4 and chunked.rows == 100
 
 
@@ -157,7 +157,7 @@ def test_ssni_defense_end_to_end_per_sample_levels():
 
     clean = gaussian_images(64)
     policy = ssni.SSNI(MODEL).fit([clean])
-    defense = ssni.Defense(TinyClassifier(), ssni.DiffPure(MODEL, step_size=0.005), policy)
+    defense = ssni.Defense(TinyClassifier(), ssni.DiffPure(MODEL, reverse_step_size=0.005), policy)
     x = torch.cat([gaussian_images(4, seed=4), gaussian_images(4, seed=5, std=0.7)])
     out = defense.run(x, generator=torch.Generator().manual_seed(0))
     assert out.t.shape == (8,) and len(set(out.t.tolist())) > 1

@@ -217,7 +217,7 @@ def test_resized_purifier_imagenet_path() -> None:
             seen.append(tuple(x.shape[-2:]))
             return super().run(x, t, generator=generator)
 
-    purifier = ResizedPurifier(Probe(GaussianScore(), steps=2), 32)
+    purifier = ResizedPurifier(Probe(GaussianScore(), reverse_steps=2), 32)
     classifier = Resized(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5)),
                          16)
     defense = Defense(classifier, purifier, Constant(0.1))

@@ -10,23 +10,23 @@ from ssni.core.gns import GNS
 
 
 def _diffpure(model):
-    return ssni.DiffPure(model, steps=4)
+    return ssni.DiffPure(model, reverse_steps=4)
 
 
 def _gdmp_mse(model):
-    return GDMP(model, steps=3, rounds=2, scale=5.0)
+    return GDMP(model, reverse_steps=3, rounds=2, scale=5.0)
 
 
 def _gdmp_ssim(model):
-    return GDMP(model, steps=3, rounds=2, scale=5.0, distance="ssim")
+    return GDMP(model, reverse_steps=3, rounds=2, scale=5.0, distance="ssim")
 
 
 def _gns(model):
-    return GNS(model, stages=(0.05, 0.1, 0.05), reference_t=0.1, steps=(2, 3, 2))
+    return GNS(model, stages=(0.05, 0.1, 0.05), reference_t=0.1, reverse_steps=(2, 3, 2))
 
 
 def _straight_through(model):
-    return ssni.StraightThrough(ssni.DiffPure(model, steps=4))
+    return ssni.StraightThrough(ssni.DiffPure(model, reverse_steps=4))
 
 
 FACTORIES = {

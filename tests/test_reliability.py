@@ -131,10 +131,10 @@ def test_cli_report_md_carries_the_run_warnings(weights, tmp_path):
 
 
 def test_long_loops_report_progress_in_logs(caplog):
-    from ssni.cli.evaluate import _Bar
+    from ssni.cli.progress import Progress
 
     caplog.set_level(logging.INFO, logger="ssni.cli")
-    bar = _Bar(10, "calibrate: attack", quiet=False, every=0.0)
+    bar = Progress(10, "calibrate: attack", quiet=False, every=0.0)
     for _ in range(5):
         bar(2)
     bar.close()
@@ -142,5 +142,5 @@ def test_long_loops_report_progress_in_logs(caplog):
     assert lines[0] == "calibrate: attack: 0/10"
     assert any(m.startswith("calibrate: attack: 10/10") for m in lines)
     caplog.clear()
-    _Bar(10, "quiet", quiet=True, every=0.0)(10)
+    Progress(10, "quiet", quiet=True, every=0.0)(10)
     assert not caplog.records

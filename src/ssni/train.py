@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .core.diffusion import VPSchedule
 from .core.score import EpsilonNetwork
+from .eval.streams import seeded_generator
 from .io.weights import TIME_SCALE
 
 __all__ = [
@@ -63,9 +64,8 @@ def checkpoint_path_for(out: PathLike) -> Path:
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63))
-    return gen
+    """The stream of training step ``step`` (negative: the shuffle of epoch ``-1 - step``)."""
+    return seeded_generator((int(seed) * 1_000_003 + int(step)) % (2**63), device)
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float) -> float:
@@ -448,7 +448,7 @@ def denoising_error(
     ``images`` ``(N, C, H, W)`` in [0, 1]; noise comes from a generator seeded with ``seed``.
     """
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     out = {}
     for t_val in ts:
         total, count = 0.0, 0
@@ -485,7 +485,7 @@ def denoised_accuracy(
     """
     classifier.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     hits = {"clean": 0, "noisy": 0, "denoised": 0}
     for i in range(0, images.shape[0], batch_size):
         x = images[i:i + batch_size].to(device=device, dtype=torch.float32)

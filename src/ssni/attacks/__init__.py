@@ -11,10 +11,12 @@ from .levels import SampledLevels, at_levels, clean_levels
 from .losses import DLR, CrossEntropy, ScoreNormLoss, make_loss
 from .norm import NormPenaltyLoss, clean_norm_target
 from .pgd import PGD
+from .target import AttackTarget
 from .threat import ThreatModel
 
 __all__ = [
     "ThreatModel",
+    "AttackTarget",
     "Attack",
     "Chain",
     "PGD",

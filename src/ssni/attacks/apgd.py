@@ -18,6 +18,7 @@ from typing import List, Optional, Union
 
 import torch
 
+from ..deprecation import renamed_attribute, renamed_keywords
 from .base import Attack, Chain
 from .gradients import GradientEstimator
 from .losses import Loss
@@ -52,7 +53,8 @@ class APGD(Attack):
     Args:
         threat: the :class:`ThreatModel` (Linf or L2).
         loss: ``"ce"``, ``"dlr"`` or a per-sample loss callable (maximised).
-        steps: iterations (AutoAttack uses 100); ``steps + 1`` gradient estimates are taken.
+        iterations: AutoAttack uses 100; ``iterations + 1`` gradient estimates are taken (old
+            keyword ``steps``).
         eot: passes of the default :class:`EOT` estimator (ignored when ``gradient`` is given).
         gradient: a gradient estimator; default ``EOT(eot)``.
         rho: checkpoint condition (1) threshold.
@@ -60,12 +62,13 @@ class APGD(Attack):
         random_start: start from a random point of the threat model (as AutoAttack does).
     """
 
+    @renamed_keywords(steps="iterations")
     def __init__(
         self,
         threat: ThreatModel,
         *,
         loss: Union[str, Loss] = "ce",
-        steps: int = 100,
+        iterations: int = 100,
         eot: int = 20,
         gradient: Optional[GradientEstimator] = None,
         rho: float = 0.75,
@@ -73,16 +76,19 @@ class APGD(Attack):
         random_start: bool = True,
     ) -> None:
         super().__init__(threat, loss=loss, eot=eot, gradient=gradient)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        self.steps = int(steps)
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        self.iterations = int(iterations)
         self.rho = float(rho)
         self.alpha = float(alpha)
         self.random_start = bool(random_start)
 
+    #: Old name (the ``steps=`` keyword is deprecated).
+    steps = renamed_attribute("iterations")
+
     def _params(self) -> dict:
         return {
-            "steps": self.steps,
+            "steps": self.iterations,  # key kept: part of evaluation-log fingerprints
             "rho": self.rho,
             "alpha": self.alpha,
             "random_start": self.random_start,
@@ -91,7 +97,7 @@ class APGD(Attack):
     def perturb(self, model, x, y, generator):
         threat = self.threat
         b = x.shape[0]
-        checkpoints = set(apgd_checkpoints(self.steps))
+        checkpoints = set(apgd_checkpoints(self.iterations))
         x_adv = threat.random_start(x, generator) if self.random_start else x.clone()
         grad, loss, logits = self._estimate(model, x_adv, y, generator, need_loss=True)
         eta = torch.full((b,), 2.0 * threat.eps, device=x.device, dtype=x.dtype)
@@ -104,7 +110,7 @@ class APGD(Attack):
         last_w = 0
         best_at_last_w = loss_best.clone()
         halved_at_last_w = torch.ones(b, dtype=torch.bool, device=x.device)
-        for k in range(self.steps):
+        for k in range(self.iterations):
             e = _bcast(eta, x)
             z = threat.project(x_adv + e * threat.direction(grad), x)
             if k == 0:
@@ -144,10 +150,11 @@ class APGD(Attack):
         return torch.where(_bcast(fooled, x), x_fooled, x_best)
 
 
+@renamed_keywords(steps="iterations")
 def autoattack_rand(
     threat: ThreatModel,
     *,
-    steps: int = 100,
+    iterations: int = 100,
     eot: int = 20,
     gradient: Optional[GradientEstimator] = None,
 ) -> Chain:
@@ -155,7 +162,7 @@ def autoattack_rand(
     samples still correctly classified, each with EOT (default 20 passes) and one restart."""
     return Chain(
         [
-            APGD(threat, loss="ce", steps=steps, eot=eot, gradient=gradient),
-            APGD(threat, loss="dlr", steps=steps, eot=eot, gradient=gradient),
+            APGD(threat, loss="ce", iterations=iterations, eot=eot, gradient=gradient),
+            APGD(threat, loss="dlr", iterations=iterations, eot=eot, gradient=gradient),
         ]
     )

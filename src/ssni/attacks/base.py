@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..core.defense import majority_vote
 from ..core.validation import check_images
 from .gradients import EOT, GradientEstimator, Surrogate, forward
 from .losses import Loss, make_loss
@@ -206,12 +207,11 @@ class Chain(Attack):
             self.last_stats["nonfinite_grad"][idx_cpu] += sub["nonfinite_grad"]
             x_adv = x_adv.index_copy(0, remaining, xa)
             with torch.no_grad():
-                counts = 0
+                labels, classes = [], 0
                 for _ in range(self.check_passes):
                     logits = forward(model, xa, generator)
-                    counts = counts + torch.nn.functional.one_hot(
-                        logits.argmax(1), logits.shape[1]
-                    )
-                still = counts.argmax(1) == y[remaining]
+                    labels.append(logits.argmax(1))
+                    classes = logits.shape[1]
+                still = majority_vote(torch.stack(labels), classes) == y[remaining]
             remaining = remaining[still]
         return x_adv

@@ -21,7 +21,6 @@ returns a :class:`GradientEstimate`: the input gradient ``(B, C, H, W)`` of the 
 
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import NamedTuple, Optional
 
@@ -29,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from ..core.defense import Defense
-from ..core.purifiers import StraightThrough
 
 __all__ = [
     "GradientEstimate",
@@ -159,30 +157,17 @@ class Surrogate(GradientEstimator):
 def bpda(defense: Defense) -> Defense:
     """The same defense with a :class:`ssni.StraightThrough` purifier (BPDA): forward passes are
     unchanged, the input gradient is the classifier's gradient at the purified point."""
-    purifier = defense.purifier
-    if not isinstance(purifier, StraightThrough):
-        purifier = StraightThrough(purifier)
-    return Defense(defense.classifier, purifier, defense.policy)
+    return defense.straight_through()
 
 
 def full(defense: Defense) -> Defense:
     """The same defense with network calls checkpointed in its purifier (``checkpoint=True``):
     exact gradients through every reverse step, activation memory flat in the number of steps."""
-    if not hasattr(defense.purifier, "checkpoint"):
-        raise ValueError(
-            f"{type(defense.purifier).__name__} has no 'checkpoint' option; use DiffPure"
-        )
-    purifier = copy.copy(defense.purifier)
-    purifier.checkpoint = True
-    return Defense(defense.classifier, purifier, defense.policy)
+    return defense.checkpointed()
 
 
 def relaxed(defense: Defense) -> Defense:
     """The same defense with its SSNI policy made differentiable: the unrounded level
     ``sigmoid((e - mu) / tau) (t* + b)`` (or the linear map) is differentiated through the EPS
     norm ``e(x)``, rounding is straight-through. Policies without that option are refused."""
-    if not hasattr(defense.policy, "differentiable"):
-        raise ValueError(f"{type(defense.policy).__name__} has no differentiable relaxation")
-    policy = copy.copy(defense.policy)
-    policy.differentiable = True
-    return Defense(defense.classifier, defense.purifier, policy)
+    return defense.relaxed()

@@ -47,7 +47,7 @@ class SampledLevels(NoiseLevelPolicy):
 
 def at_levels(defense: Defense, levels: Union[Sequence[float], Tensor]) -> Defense:
     """``defense`` with its policy replaced by :class:`SampledLevels` over ``levels``."""
-    return Defense(defense.classifier, defense.purifier, SampledLevels(levels))
+    return defense.variant(policy=SampledLevels(levels))
 
 
 @torch.no_grad()

@@ -32,6 +32,8 @@ class ThreatModel:
             raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
+        if norm == "Linf" and eps > 1:
+            raise ValueError(f"an Linf radius must be <= 1 (images in [0, 1]), got {eps}")
         self.norm = norm
         self.eps = float(eps)
 

@@ -15,7 +15,6 @@ statistics; calibration uses the validation split only (:func:`heldout_images`).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,13 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..attacks.target import AttackTarget
 from ..core.defense import Defense
 from ..core.learned import LearnedPolicy
-from ..core.policies import SSNI, Constant, NoiseLevelPolicy
+from ..core.policies import REWEIGHT, SSNI, Constant, NoiseLevelPolicy
 from ..core.purifiers import DiffPure, Purifier
 from ..core.score import ScoreModel
+from ..eval.streams import seeded_generator
 from .config import ConfigError, RunConfig
 
 __all__ = [
@@ -95,56 +96,21 @@ def find_weights(filename: str) -> Path:
 # ----------------------------------------------------------------------------- data
 
 
-def _data_dir(cfg: RunConfig) -> Optional[str]:
-    return cfg.data_dir or None
-
-
-def _imagenet(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Tensor]:
-    """ImageNet has only the validation folder: ``test`` images are the paper's seeded subset
-    (the first half of a seeded permutation), held-out images come from its second half."""
-    import numpy as np
-
-    from ..data.imagenet import list_image_folder, load_image, load_imagenet_val
-
-    if not cfg.data_dir:
-        raise ConfigError("data_dir", "ImageNet needs the validation folder (one dir per class)")
-    if split == "test":
-        return load_imagenet_val(cfg.data_dir, n=n, seed=seed)
-    samples, _ = list_image_folder(cfg.data_dir)
-    perm = np.random.RandomState(seed).permutation(len(samples))
-    pool = perm[len(samples) // 2 :]
-    if n > pool.size:
-        raise ConfigError("stats_n", f"only {pool.size} held-out ImageNet images available")
-    chosen = pool[:n]
-    x = torch.stack([load_image(samples[i][0], 256) for i in chosen])
-    y = torch.tensor([samples[i][1] for i in chosen], dtype=torch.int64)
-    return x, y
-
-
 def load_images(
     cfg: RunConfig, split: str, n: int, seed: int, key: str = "n"
 ) -> Tuple[Tensor, Tensor]:
-    """A fixed seeded subset of ``n`` images of ``split`` (``train``/``val``/``test``); ``key``
-    is the configuration key that asked for ``n`` (named when there are too few images)."""
-    if cfg.dataset in ("fashion-mnist", "digits"):
-        from .. import data
+    """A fixed seeded subset of ``n`` images of ``split`` (``train``/``val``/``test``) of the
+    configured dataset (:func:`ssni.data.sample_split`); ``key`` is the configuration key that
+    asked for ``n`` (named in the error when the split is too small)."""
+    from ..data import dataset_entry, sample_split
 
-        x, y = data.load_dataset(cfg.dataset, split, _data_dir(cfg))
-        if n > x.shape[0]:
-            raise ConfigError(key, f"{cfg.dataset} {split} has only {x.shape[0]} images, asked {n}")
-        return data.subset(x, y, n, seed)
-    if cfg.dataset == "cifar10":
-        from ..data.cifar10 import load_cifar10
 
-        if not cfg.data_dir:
-            raise ConfigError("data_dir", "CIFAR-10 needs the folder with cifar-10-batches-py")
-        try:
-            return load_cifar10(cfg.data_dir, split=split, n=n, seed=seed)
-        except ValueError as err:
-            if "subset size" in str(err):
-                raise ConfigError(key, f"CIFAR-10 {split}: {err}") from None
-            raise
-    return _imagenet(cfg, split, n, seed)
+    if dataset_entry(cfg.dataset).needs_root and not cfg.data_dir:
+        raise ConfigError("data_dir", f"{cfg.dataset} needs the folder of its files")
+    try:
+        return sample_split(cfg.dataset, split, n, seed, cfg.data_dir or None)
+    except ValueError as err:
+        raise ConfigError(key, str(err).splitlines()[0]) from None
 
 
 def eval_images(cfg: RunConfig) -> Tuple[Tensor, Tensor]:
@@ -251,7 +217,7 @@ def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False
     gradients (``surrogate_steps`` reverse steps per sample / per stage)."""
     steps = cfg.surrogate_steps if surrogate else (cfg.purify_steps or None)
     if cfg.purifier == "diffpure":
-        return DiffPure(model, rule=cfg.rule, steps=steps)
+        return DiffPure(model, rule=cfg.rule, reverse_steps=steps)
     if cfg.purifier == "gdmp":
         from ..core.gdmp import GDMP
 
@@ -261,7 +227,7 @@ def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False
             distance=cfg.gdmp_distance,
             rounds=cfg.gdmp_rounds,
             rule=cfg.rule,
-            steps=steps,
+            reverse_steps=steps,
         )
     from ..core.gns import GNS, GNS_CIFAR10_STAGES
 
@@ -270,14 +236,15 @@ def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False
             return GNS.surrogate(model, rule=cfg.rule)
         per_stage = max(1, cfg.surrogate_steps // len(cfg.gns_stages))
         return GNS(
-            model, stages=cfg.gns_stages, reference_t=cfg.t_star, steps=per_stage, rule=cfg.rule
+            model,
+            stages=cfg.gns_stages,
+            reference_t=cfg.t_star,
+            reverse_steps=per_stage,
+            rule=cfg.rule,
         )
-    return GNS(model, stages=cfg.gns_stages, reference_t=cfg.t_star, steps=steps, rule=cfg.rule)
-
-
-def seeded_generator(seed: int, device: str = "cpu") -> torch.Generator:
-    """A generator on ``device`` seeded with ``seed``."""
-    return torch.Generator(device=device).manual_seed(int(seed))
+    return GNS(
+        model, stages=cfg.gns_stages, reference_t=cfg.t_star, reverse_steps=steps, rule=cfg.rule
+    )
 
 
 def resolve_policy_file(path: str) -> Path:
@@ -320,10 +287,10 @@ def build_policy(
     policy = SSNI(
         model,
         t_star=cfg.t_star,
-        reweight="sigmoid" if cfg.policy == "ssni-n" else "linear",
+        reweight=REWEIGHT[cfg.policy],
         tau=cfg.tau or None,
         bias=cfg.bias,
-        levels=cfg.levels,
+        probe_levels=cfg.levels,
         batch_joined=cfg.batch_joined,
     ).to(cfg.device)
     if not fit:
@@ -375,10 +342,11 @@ def build_defense(
 
 @dataclass
 class AttackSetup:
-    """An attack and the model it must be called with (``attack(target, x, y, generator)``)."""
+    """An attack and its target: called as ``attack(target.gradient, x, y, generator)``,
+    judged on ``target.judged`` (the defense)."""
 
     attack: Any
-    target: nn.Module
+    target: AttackTarget
     description: str
 
 
@@ -396,24 +364,22 @@ def build_attack(
     steps = cfg.iterations if iterations is None else iterations
     n_eot = cfg.eot if eot is None else eot
     threat = attacks.ThreatModel("Linf" if cfg.norm == "linf" else "L2", cfg.eps)
-    target: nn.Module = defense
+    gradient_model: nn.Module = defense
     adaptive = cfg.adaptive_t and isinstance(defense.policy, (SSNI, LearnedPolicy))
     if cfg.gradient == "full":
-        target = attacks.full(defense)
+        gradient_model = defense.checkpointed()
         estimator = attacks.EOT(n_eot)
     elif cfg.gradient == "bpda":
-        target = attacks.bpda(defense)
+        gradient_model = defense.straight_through()
         estimator = attacks.EOT(n_eot)
     else:
         model = defense.purifier.model
-        surrogate = Defense(
-            defense.classifier, build_purifier(cfg, model, surrogate=True), defense.policy
-        )
+        surrogate = defense.variant(purifier=build_purifier(cfg, model, surrogate=True))
         if adaptive:
-            surrogate = attacks.relaxed(surrogate)
+            surrogate = surrogate.relaxed()
         estimator = attacks.Surrogate(surrogate, n=n_eot)
     if adaptive and cfg.gradient != "surrogate":
-        target = attacks.relaxed(target)
+        gradient_model = gradient_model.relaxed()
     if cfg.attack in ("constrained", "clean-levels") and not isinstance(defense.policy, SSNI):
         raise ConfigError("attack", f"{cfg.attack} needs a defense with an SSNI policy")
     if cfg.attack == "clean-levels":
@@ -423,24 +389,26 @@ def build_attack(
         levels = attacks.clean_levels(
             defense.policy, x_levels.to(cfg.device), gen, batch_size=cfg.batch_size
         )
-        source = target if cfg.gradient != "surrogate" else estimator.model
+        source = gradient_model if cfg.gradient != "surrogate" else estimator.model
         estimator = attacks.Surrogate(attacks.at_levels(source, levels.cpu()).to(cfg.device),
                                       n=n_eot)
-        target = defense
+        gradient_model = defense
     if cfg.attack in ("pgd", "clean-levels"):
-        attack = attacks.PGD(threat, steps=steps, step_size=cfg.step_size, gradient=estimator)
+        attack = attacks.PGD(
+            threat, iterations=steps, step_size=cfg.step_size, gradient=estimator
+        )
     elif cfg.attack == "constrained":
         attack = attacks.TwoPhase(
             threat, defense.policy, quantile=cfg.norm_quantile, norm_steps=cfg.norm_steps,
             steps=steps, step_size=cfg.step_size, gradient=estimator,
         )
     else:
-        attack = attacks.APGD(threat, steps=steps, gradient=estimator)
+        attack = attacks.APGD(threat, iterations=steps, gradient=estimator)
     desc = (
         f"{cfg.attack.upper()}-EOT{n_eot} {threat.norm} eps={cfg.eps:.4g} x{steps} "
         f"({cfg.gradient}{', adaptive t(x)' if adaptive else ''})"
     )
-    return AttackSetup(attack, target, desc)
+    return AttackSetup(attack, AttackTarget(defense, gradient_model), desc)
 
 
 @dataclass
@@ -467,12 +435,3 @@ def build_components(
     classifier = build_classifier(cfg)
     policy = build_policy(cfg, model, generator=generator, progress=progress, fit=fit)
     return Components(cfg, model, classifier, policy, build_defense(cfg, model, classifier, policy))
-
-
-def accepts(fn, name: str) -> bool:
-    """Whether callable ``fn`` takes a keyword argument ``name``."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

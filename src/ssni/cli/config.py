@@ -25,8 +25,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from ..data.registry import DATASETS
 from ..errors import UsageError, one_line
 
 if sys.version_info >= (3, 11):
@@ -162,7 +163,7 @@ class RunConfig:
 
 # Allowed values of the string keys that are enumerations.
 CHOICES: Dict[str, Tuple[str, ...]] = {
-    "dataset": ("cifar10", "imagenet", "fashion-mnist", "digits"),
+    "dataset": tuple(DATASETS),
     "split": ("test", "val"),
     "purifier": ("diffpure", "gdmp", "gns"),
     "rule": ("ddpm", "ddim", "sde"),
@@ -338,37 +339,57 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
+def _ask(key: str, build: Callable[[], Any]) -> None:
+    """Construct a component with the configured values; its ``ValueError`` becomes a
+    :class:`ConfigError` naming ``key`` (the constructors own the range checks)."""
+    try:
+        build()
+    except ValueError as err:
+        raise ConfigError(key, str(err).splitlines()[0]) from None
+
+
+def _ask_constructors(cfg: RunConfig) -> None:
+    from ..attacks import EOT, PGD, ThreatModel
+    from ..core.gdmp import GDMP
+    from ..core.gns import GNS
+    from ..core.policies import REWEIGHT, SSNI, Constant
+    from ..core.purifiers import DiffPure
+    from ..core.score import GaussianScore
+
+    model = GaussianScore()
+    reweight = REWEIGHT.get(cfg.policy, "sigmoid")
+    _ask("t_star", lambda: Constant(cfg.t_star))
+    _ask("purify_steps", lambda: DiffPure(model, reverse_steps=cfg.purify_steps or None))
+    _ask("surrogate_steps", lambda: DiffPure(model, reverse_steps=cfg.surrogate_steps))
+    _ask("gdmp_scale", lambda: GDMP(model, scale=cfg.gdmp_scale))
+    _ask("gdmp_rounds", lambda: GDMP(model, rounds=cfg.gdmp_rounds))
+    _ask("gns_stages", lambda: GNS(model, stages=cfg.gns_stages))
+    _ask("tau", lambda: SSNI(model, tau=cfg.tau or None))
+    _ask("bias", lambda: SSNI(model, t_star=cfg.t_star, bias=cfg.bias, reweight=reweight))
+    _ask("batch_joined", lambda: SSNI(model, reweight=reweight, batch_joined=cfg.batch_joined))
+    _ask("levels", lambda: SSNI(model, probe_levels=cfg.levels))
+    for v in cfg.calib_biases:
+        _ask("calib_biases", lambda v=v: SSNI(model, t_star=cfg.t_star, bias=v))
+    threat = ThreatModel("Linf" if cfg.norm == "linf" else "L2", 0.0)
+    _ask("eps", lambda: ThreatModel(threat.norm, cfg.eps))
+    _ask("step_size", lambda: PGD(threat, step_size=cfg.step_size))
+    _ask("iterations", lambda: PGD(threat, iterations=cfg.iterations))
+    _ask("calib_iterations", lambda: PGD(threat, iterations=cfg.calib_iterations))
+    _ask("eot", lambda: EOT(cfg.eot))
+    _ask("calib_eot", lambda: EOT(cfg.calib_eot))
+
+
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check ranges and combinations; return ``cfg`` or raise :class:`ConfigError`."""
+    """Check ranges and combinations; return ``cfg`` or raise :class:`ConfigError`.
+
+    Values that a component takes are checked by constructing it (one source of truth for each
+    range); the remaining keys (data sizes, seeds, device, calibration grid) are checked here.
+    """
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
         _require(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
     _require(cfg.n >= 1, "n", f"must be >= 1, got {cfg.n}")
-    _require(0.0 < cfg.t_star <= 1.0, "t_star", f"must be in (0, 1], got {cfg.t_star}")
-    _require(cfg.purify_steps >= 0, "purify_steps", f"must be >= 0, got {cfg.purify_steps}")
-    _require(cfg.gdmp_scale >= 0, "gdmp_scale", f"must be >= 0, got {cfg.gdmp_scale}")
-    _require(cfg.gdmp_rounds >= 1, "gdmp_rounds", f"must be >= 1, got {cfg.gdmp_rounds}")
-    _require(len(cfg.gns_stages) >= 1, "gns_stages", "needs at least one stage")
-    for t in cfg.gns_stages:
-        _require(0.0 < t <= 1.0, "gns_stages", f"every stage must be in (0, 1], got {t}")
-    _require(cfg.tau >= 0.0, "tau", f"must be >= 0 (0: std of clean norms), got {cfg.tau}")
-    top = cfg.t_star + cfg.bias
-    _require(0.0 < top <= 1.0, "bias", f"t_star + bias must be in (0, 1], got {top:.4g}")
-    if cfg.policy == "ssni-l":
-        _require(cfg.bias >= 0.0, "bias", f"must be >= 0 for ssni-l, got {cfg.bias}")
-    if cfg.batch_joined:
-        _require(cfg.policy == "ssni-l", "batch_joined", "applies to policy ssni-l only")
-    _require(cfg.levels >= 1, "levels", f"must be >= 1, got {cfg.levels}")
     _require(cfg.stats_n >= 2, "stats_n", f"must be >= 2, got {cfg.stats_n}")
-    _require(cfg.eps >= 0.0, "eps", f"must be >= 0, got {cfg.eps}")
-    if cfg.norm == "linf":
-        _require(cfg.eps <= 1.0, "eps", f"an Linf radius must be <= 1, got {cfg.eps}")
-    _require(cfg.step_size > 0.0, "step_size", f"must be > 0, got {cfg.step_size}")
-    _require(cfg.iterations >= 1, "iterations", f"must be >= 1, got {cfg.iterations}")
-    _require(
-        cfg.surrogate_steps >= 1, "surrogate_steps", f"must be >= 1, got {cfg.surrogate_steps}"
-    )
-    _require(cfg.eot >= 1, "eot", f"must be >= 1, got {cfg.eot}")
     q = cfg.norm_quantile
     _require(0.0 < q < 1.0, "norm_quantile", f"must be in (0, 1), got {q}")
     _require(cfg.norm_steps >= 0, "norm_steps", f"must be >= 0, got {cfg.norm_steps}")
@@ -390,12 +411,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     for v in cfg.calib_taus:
         _require(v > 0, "calib_taus", f"every value must be > 0, got {v}")
     _require(len(cfg.calib_biases) >= 1, "calib_biases", "needs at least one value")
-    for v in cfg.calib_biases:
-        _require(
-            0.0 < cfg.t_star + v <= 1.0,
-            "calib_biases",
-            f"t_star + bias must be in (0, 1] for every value, got bias {v}",
-        )
     _require(
         cfg.calib_min_robust <= 1.0,
         "calib_min_robust",
@@ -406,10 +421,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         "calib_weight",
         f"must be in [0, 1], got {cfg.calib_weight}",
     )
-    _require(
-        cfg.calib_iterations >= 1, "calib_iterations", f"must be >= 1, got {cfg.calib_iterations}"
-    )
-    _require(cfg.calib_eot >= 1, "calib_eot", f"must be >= 1, got {cfg.calib_eot}")
     _require(cfg.learn_n >= 4, "learn_n", f"must be >= 4, got {cfg.learn_n}")
     _require(
         0.0 < cfg.learn_resolution <= 1.0,
@@ -430,6 +441,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(len(cfg.t_grid) >= 1, "t_grid", "needs at least one level")
     for t in cfg.t_grid:
         _require(0.0 < t <= 1.0, "t_grid", f"every level must be in (0, 1], got {t}")
+    _ask_constructors(cfg)
     return cfg
 
 

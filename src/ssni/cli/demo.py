@@ -1,4 +1,4 @@
-"""Commands ``ssni demo`` (the embedded default, attacked) and ``ssni purify-grid``."""
+"""Command ``ssni demo``: constant-t DiffPure vs SSNI-N vs SSNI-L on Fashion-MNIST, attacked."""
 
 from __future__ import annotations
 
@@ -15,53 +15,6 @@ log = logging.getLogger("ssni.demo")
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 
-
-# ----------------------------------------------------------------------------- purify-grid
-
-
-def cmd_purify_grid(args) -> int:
-    """Test images, their noised versions at each level, and the purified results, as one PNG."""
-    from ..core.purifiers import DiffPure, to_image_space, to_model_space
-    from ..eval.reports import _pyplot, _save
-    from . import build
-    from .config import RunConfig
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = RunConfig(dataset="fashion-mnist", data_dir=args.data_dir, n=args.n, subset_seed=0)
-    if args.score_model_path:
-        cfg = cfg.replace(score_model="file", score_model_path=args.score_model_path)
-    model = build.build_score_model(cfg)
-    x, _ = build.eval_images(cfg)
-    purifier = DiffPure(model, step_size=1e-3)
-    rows = [("test image", x)]
-    with torch.no_grad():
-        for level in args.levels:
-            t = torch.full((x.shape[0],), level)
-            g_level = torch.Generator().manual_seed(args.seed)
-            noised, _ = model.schedule.perturb(to_model_space(x), t, generator=g_level)
-            g_level = torch.Generator().manual_seed(args.seed)
-            purified = purifier(x, t, generator=g_level)
-            rows.append((f"noised t={level:g}", to_image_space(noised)))
-            rows.append((f"purified from t={level:g}", purified))
-    plt = _pyplot()
-    n = x.shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.2 * len(rows)))
-    for r, (label, imgs) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(imgs[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle("DiffPure with the shipped Fashion-MNIST score model (DDPM, 1/1000 steps)")
-    out = _save(fig, args.out)
-    print(f"wrote {out}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- demo
 
 DEMO_PRESETS = (
     ("constant", "fmnist-diffpure-constant-pgd-linf"),
@@ -153,20 +106,6 @@ def cmd_demo(args) -> int:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "purify-grid",
-        help="PNG grid: test images, noised at each level, purified",
-        description=cmd_purify_grid.__doc__,
-    )
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="Fashion-MNIST idx files")
-    p.add_argument("--score-model-path", default="", help="weights file (default: shipped)")
-    p.add_argument("--levels", type=float, nargs="+", default=[0.1, 0.3])
-    p.add_argument("--n", type=int, default=8, help="number of test images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--out", default="docs/purification_grid.png")
-    p.set_defaults(func=cmd_purify_grid)
-
     p = subparsers.add_parser(
         "demo",
         help="SSNI vs constant-t DiffPure on Fashion-MNIST, attacked (about 10 min on a CPU)",

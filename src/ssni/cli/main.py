@@ -17,8 +17,13 @@ __all__ = ["main", "build_parser", "UsageError"]
 # Each command module exposes ``register(subparsers)``; the parser it adds sets ``func(args)``.
 COMMAND_MODULES = [
     "ssni.cli.train",
+    "ssni.cli.purify_grid",
     "ssni.cli.demo",
     "ssni.cli.evaluate",
+    "ssni.cli.presets",
+    "ssni.cli.calibrate",
+    "ssni.cli.analyze_t",
+    "ssni.cli.report",
     "ssni.cli.learn",
     "ssni.cli.study",
 ]

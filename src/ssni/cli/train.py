@@ -6,9 +6,8 @@ import argparse
 import logging
 import shlex
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
@@ -25,6 +24,7 @@ from ..train import (
     train_classifier,
     train_score_model,
 )
+from .progress import Progress
 
 log = logging.getLogger("ssni.train")
 
@@ -155,46 +155,6 @@ def _command_line(args: argparse.Namespace, keys: List[str]) -> str:
     return shlex.join(parts)
 
 
-class _Progress:
-    """tqdm bar on a terminal; periodic log lines with ETA otherwise; nothing when quiet."""
-
-    def __init__(self, total: int, desc: str, quiet: bool) -> None:
-        self.total, self.quiet = total, quiet
-        self.bar = None
-        self.last_log = 0.0
-        self.t_start = time.perf_counter()
-        self.first_step: Optional[int] = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-
-    def __call__(self, info: Dict[str, Any]) -> None:
-        step = info["step"]
-        if self.first_step is None:
-            self.first_step = step - 1
-            self.t_start = time.perf_counter()
-            if self.bar is not None:
-                self.bar.update(self.first_step)
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{info['loss']:.4f}")
-            return
-        now = time.perf_counter()
-        if self.quiet or (now - self.last_log < 30 and step != self.total):
-            return
-        self.last_log = now
-        rate = (now - self.t_start) / max(1, step - self.first_step)
-        eta = rate * (self.total - step)
-        epoch = f" epoch {info['epoch']}" if "epoch" in info else ""
-        print(f"step {step}/{self.total}{epoch} loss {info['loss']:.4f} lr {info['lr']:.2e} "
-              f"{rate:.2f}s/step eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _prepare(args: argparse.Namespace) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,14 +203,14 @@ def run_train_score(args: argparse.Namespace) -> int:
     if not quiet:
         print(f"UNet {arch_kwargs}: {n_params} parameters; {x.shape[0]} {args.data} images; "
               f"checkpoint {ckpt}", file=sys.stderr)
-    progress = _Progress(args.steps, "train-score", quiet)
+    progress = Progress(args.steps, "train-score", quiet, unit="step")
     try:
         result = train_score_model(
             net, x, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             warmup=args.warmup, ema_decay=args.ema_decay, seed=args.seed, schedule=schedule,
             small_t_max=args.small_t_max, small_t_prob=args.small_t_prob, hflip=args.hflip,
             checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every, resume=args.resume,
-            callback=progress, config_extra={"arch_kwargs": arch_kwargs, "data": data},
+            callback=progress.step, config_extra={"arch_kwargs": arch_kwargs, "data": data},
         )
     finally:
         progress.close()
@@ -293,12 +253,14 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     if not quiet:
         print(f"CNN {arch_kwargs}: {sum(p.numel() for p in net.parameters())} parameters; "
               f"{x.shape[0]} {args.data} images; checkpoint {ckpt}", file=sys.stderr)
-    progress = _Progress(per_epoch * args.epochs, "train-classifier", quiet)
+    progress = Progress(
+        per_epoch * args.epochs, "train-classifier", quiet, unit="step"
+    )
     try:
         result = train_classifier(
             net, x, y, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, callback=progress,
+            resume=args.resume, callback=progress.step,
             config_extra={"arch_kwargs": arch_kwargs, "data": data},
         )
     finally:

@@ -8,10 +8,18 @@ import torch
 from torch import Tensor, nn
 
 from .policies import NoiseLevelPolicy
-from .purifiers import Purifier
+from .purifiers import Purifier, StraightThrough
 from .validation import check_images, check_model_input
+from .variants import variant
 
-__all__ = ["Defense", "DefenseOutput"]
+__all__ = ["Defense", "DefenseOutput", "majority_vote"]
+
+
+def majority_vote(labels: Tensor, classes: int) -> Tensor:
+    """``labels`` ``(P, B)`` int64 predictions of ``P`` passes -> ``(B,)`` majority label
+    (ties: the smallest label)."""
+    counts = torch.nn.functional.one_hot(labels, classes).sum(0)
+    return counts.argmax(1)
 
 
 class DefenseOutput(NamedTuple):
@@ -43,6 +51,42 @@ class Defense(nn.Module):
         check_model_input(x, getattr(self.purifier, "model", None), "score model")
         check_model_input(x, self.classifier, "classifier")
 
+    def variant(
+        self,
+        *,
+        purifier: Optional[Purifier] = None,
+        policy: Optional[NoiseLevelPolicy] = None,
+    ) -> Defense:
+        """The same classifier with another purifier and/or policy (the others shared)."""
+        return Defense(
+            self.classifier,
+            self.purifier if purifier is None else purifier,
+            self.policy if policy is None else policy,
+        )
+
+    def straight_through(self) -> Defense:
+        """BPDA: the purifier's backward is the identity (:class:`StraightThrough`); forward
+        passes are unchanged."""
+        if isinstance(self.purifier, StraightThrough):
+            return self.variant()
+        return self.variant(purifier=StraightThrough(self.purifier))
+
+    def checkpointed(self) -> Defense:
+        """Exact gradients through every reverse step with network calls recomputed
+        (activation memory flat in the steps); needs a purifier with a ``checkpoint`` option."""
+        if not hasattr(self.purifier, "checkpoint"):
+            raise ValueError(
+                f"{type(self.purifier).__name__} has no 'checkpoint' option; use DiffPure"
+            )
+        return self.variant(purifier=variant(self.purifier, checkpoint=True))
+
+    def relaxed(self) -> Defense:
+        """The policy made differentiable (soft level through the EPS norm, straight-through
+        rounding); policies without that option are refused."""
+        if not hasattr(self.policy, "differentiable"):
+            raise ValueError(f"{type(self.policy).__name__} has no differentiable relaxation")
+        return self.variant(policy=variant(self.policy, differentiable=True))
+
     def run(self, x: Tensor, generator: Optional[torch.Generator] = None) -> DefenseOutput:
         """Every intermediate of one stochastic pass."""
         self._check(x)
@@ -66,9 +110,9 @@ class Defense(nn.Module):
         """Majority vote ``(B,)`` over ``votes`` stochastic passes (ties: smallest label)."""
         if votes < 1:
             raise ValueError(f"votes must be >= 1, got {votes}")
-        counts = None
+        labels, classes = [], 0
         for _ in range(votes):
             logits = self.forward(x, generator=generator)
-            onehot = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1])
-            counts = onehot if counts is None else counts + onehot
-        return counts.argmax(1)
+            labels.append(logits.argmax(1))
+            classes = logits.shape[1]
+        return majority_vote(torch.stack(labels), classes)

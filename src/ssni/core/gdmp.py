@@ -45,6 +45,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from ..deprecation import renamed_keywords
 from .diffusion import VPSchedule, expand_like
 from .purifiers import DiffusionPurifier, Purification
 from .sampling import StepRule, reverse
@@ -174,10 +175,11 @@ class GDMP(DiffusionPurifier):
         distance: ``"mse"`` or ``"ssim"``.
         rounds: purification rounds (noise and denoise), each from the same ``t``.
         fixed_guidance_noise: one ``z`` for ``y_t`` per call instead of a fresh one per step.
-        rule, eta, steps, step_size, checkpoint: the reverse process, as in
+        rule, eta, reverse_steps, reverse_step_size, checkpoint: the reverse process, as in
             :class:`ssni.DiffPure`.
     """
 
+    @renamed_keywords(steps="reverse_steps", step_size="reverse_step_size")
     def __init__(
         self,
         model: ScoreModel,
@@ -189,12 +191,17 @@ class GDMP(DiffusionPurifier):
         fixed_guidance_noise: bool = False,
         rule: str = "ddpm",
         eta: Optional[float] = None,
-        steps: Optional[int] = None,
-        step_size: float = 1e-3,
+        reverse_steps: Optional[int] = None,
+        reverse_step_size: float = 1e-3,
         checkpoint: bool = False,
     ) -> None:
         super().__init__(
-            model, rule=rule, eta=eta, steps=steps, step_size=step_size, checkpoint=checkpoint
+            model,
+            rule=rule,
+            eta=eta,
+            reverse_steps=reverse_steps,
+            reverse_step_size=reverse_step_size,
+            checkpoint=checkpoint,
         )
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
@@ -225,8 +232,8 @@ class GDMP(DiffusionPurifier):
             x_t,
             t,
             rule=rule,
-            steps=self.steps,
-            step_size=self.step_size,
+            steps=self.reverse_steps,
+            step_size=self.reverse_step_size,
             generator=generator,
             checkpoint=self.checkpoint,
         )

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..deprecation import renamed_keywords
 from .purifiers import DiffusionPurifier, Purification
 from .sampling import reverse
 from .score import ScoreModel
@@ -63,27 +64,36 @@ class GNS(DiffusionPurifier):
         stages: stage levels in (0, 1], applied in order.
         reference_t: the level ``t`` at which the stages run as given (the policy's ``t*``);
             default ``max(stages)``.
-        steps: reverse steps per stage: None (``step_size`` spacing: a stage at level ``L``
-            takes ``ceil(L / step_size)`` steps), one int for every stage, or one int per stage.
-        step_size: reverse step size in ``t`` when ``steps`` is None.
+        reverse_steps: reverse steps per stage: None (``reverse_step_size`` spacing: a stage at
+            level ``L`` takes ``ceil(L / reverse_step_size)`` steps), one int for every stage, or
+            one int per stage (old keyword ``steps``).
+        reverse_step_size: reverse step size in ``t`` when ``reverse_steps`` is None (old
+            keyword ``step_size``).
         rule, eta, checkpoint: the reverse process, as in :class:`ssni.DiffPure`.
     """
 
+    @renamed_keywords(steps="reverse_steps", step_size="reverse_step_size")
     def __init__(
         self,
         model: ScoreModel,
         *,
         stages: Sequence[float] = GNS_CIFAR10_STAGES,
         reference_t: Optional[float] = None,
-        steps: Union[None, int, Sequence[int]] = None,
-        step_size: float = 1e-3,
+        reverse_steps: Union[None, int, Sequence[int]] = None,
+        reverse_step_size: float = 1e-3,
         rule: str = "ddpm",
         eta: Optional[float] = None,
         checkpoint: bool = False,
     ) -> None:
         super().__init__(
-            model, rule=rule, eta=eta, steps=steps, step_size=step_size, checkpoint=checkpoint
+            model,
+            rule=rule,
+            eta=eta,
+            reverse_steps=reverse_steps,
+            reverse_step_size=reverse_step_size,
+            checkpoint=checkpoint,
         )
+        steps = reverse_steps
         stages = tuple(float(s) for s in stages)
         if not stages:
             raise ValueError("GNS needs at least one stage")
@@ -101,11 +111,11 @@ class GNS(DiffusionPurifier):
             per_stage = tuple(int(n) for n in steps)
             if len(per_stage) != len(stages):
                 raise ValueError(
-                    f"steps has {len(per_stage)} entries for {len(stages)} stages; give one per "
-                    "stage, a single int, or None"
+                    f"reverse_steps has {len(per_stage)} entries for {len(stages)} stages; give "
+                    "one per stage, a single int, or None"
                 )
         if any(n is not None and n < 1 for n in per_stage):
-            raise ValueError(f"steps must be >= 1, got {steps}")
+            raise ValueError(f"reverse_steps must be >= 1, got {steps}")
         self.stages = stages
         self.reference_t = float(reference_t)
         self.stage_steps = per_stage
@@ -115,7 +125,8 @@ class GNS(DiffusionPurifier):
         """The published attack surrogate: stages 30, 50, 125 of 1000 with 1, 1, 5 steps
         (``reference_t`` 0.125, as the defense's). Keyword arguments override."""
         kwargs.setdefault("stages", GNS_CIFAR10_SURROGATE_STAGES)
-        kwargs.setdefault("steps", GNS_CIFAR10_SURROGATE_STEPS)
+        if "steps" not in kwargs:
+            kwargs.setdefault("reverse_steps", GNS_CIFAR10_SURROGATE_STEPS)
         return cls(model, **kwargs)
 
     def extra_repr(self) -> str:
@@ -141,7 +152,7 @@ class GNS(DiffusionPurifier):
                 level,
                 rule=self.rule,
                 steps=n,
-                step_size=self.step_size,
+                step_size=self.reverse_step_size,
                 generator=generator,
                 checkpoint=self.checkpoint,
             )

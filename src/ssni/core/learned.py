@@ -153,7 +153,7 @@ class LearnedPolicy(NoiseLevelPolicy):
         """``(e, features)``: EPS norms ``(B,)`` and raw features ``(B, K + 3)`` of ``x``."""
         check_images(x)
         e, norms = eps_probe(
-            self.model, x, levels=self.levels, generator=generator, chunk_size=self.chunk_size
+            self.model, x, probe_levels=self.levels, generator=generator, chunk_size=self.chunk_size
         )
         return e, probe_features(e, norms)
 

@@ -13,11 +13,25 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..deprecation import renamed_attribute, renamed_keywords
 from .purifiers import to_model_space
 from .score import ScoreModel
 from .validation import check_images, check_model_input
 
-__all__ = ["NoiseLevelPolicy", "Constant", "SSNI", "eps_score_norm", "eps_probe"]
+__all__ = [
+    "NoiseLevelPolicy",
+    "Constant",
+    "SSNI",
+    "eps_score_norm",
+    "eps_probe",
+    "REWEIGHT",
+    "POLICY_NAME",
+]
+
+#: Policy name (as in configurations and policy files) -> SSNI ``reweight``.
+REWEIGHT = {"ssni-n": "sigmoid", "ssni-l": "linear"}
+#: SSNI ``reweight`` -> policy name.
+POLICY_NAME = {v: k for k, v in REWEIGHT.items()}
 
 
 class NoiseLevelPolicy(nn.Module):
@@ -44,11 +58,12 @@ class Constant(NoiseLevelPolicy):
         return torch.full((x.shape[0],), self.t_star, device=x.device, dtype=x.dtype)
 
 
+@renamed_keywords(levels="probe_levels")
 def eps_probe(
     model: ScoreModel,
     x: Tensor,
     *,
-    levels: int = 20,
+    probe_levels: int = 20,
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
@@ -58,12 +73,15 @@ def eps_probe(
     perturbed to ``t_k`` with fresh noise, ``s_k = s(x_k, t_k)``. All ``K`` copies go through the
     network as one batch (split into calls of at most ``chunk_size`` images if given).
 
+    ``probe_levels`` is K (old keyword ``levels``).
+
     Returns:
         ``e`` ``(B,)``: ``||(1/K) sum_k s_k||_2`` (the EPS norm); ``level_norms`` ``(B, K)``:
         ``||s_k||_2`` for each level, norms over all ``C*H*W`` entries.
     """
-    if levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}")
+    if probe_levels < 1:
+        raise ValueError(f"probe_levels must be >= 1, got {probe_levels}")
+    levels = int(probe_levels)
     schedule = model.schedule
     b = x.shape[0]
     x0 = to_model_space(x).repeat(levels, 1, 1, 1)  # level-major: rows k*B .. (k+1)*B - 1
@@ -83,11 +101,12 @@ def eps_probe(
     return scores.mean(0).norm(dim=1), scores.norm(dim=2).transpose(0, 1)
 
 
+@renamed_keywords(levels="probe_levels")
 def eps_score_norm(
     model: ScoreModel,
     x: Tensor,
     *,
-    levels: int = 20,
+    probe_levels: int = 20,
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
@@ -100,13 +119,15 @@ def eps_score_norm(
     Args:
         model: score model in [-1, 1] model space.
         x: images ``(B, C, H, W)`` in [0, 1].
-        levels: K (20 for CIFAR-10 in the paper, 50 for ImageNet).
+        probe_levels: K (20 for CIFAR-10 in the paper, 50 for ImageNet); old keyword ``levels``.
         generator: source of the perturbation noise (makes ``e(x)`` reproducible).
 
     Returns:
         ``(B,)`` norms over all ``C*H*W`` entries.
     """
-    return eps_probe(model, x, levels=levels, generator=generator, chunk_size=chunk_size)[0]
+    return eps_probe(
+        model, x, probe_levels=probe_levels, generator=generator, chunk_size=chunk_size
+    )[0]
 
 
 class SSNI(NoiseLevelPolicy):
@@ -132,7 +153,8 @@ class SSNI(NoiseLevelPolicy):
         reweight: ``"sigmoid"`` (SSNI-N) or ``"linear"`` (SSNI-L).
         tau: sigmoid temperature in raw norm units (None: std of clean norms).
         bias: ``b``.
-        levels: K, number of perturbation levels of the EPS probe.
+        probe_levels: K, number of perturbation levels of the EPS probe (old keyword
+            ``levels``).
         batch_joined: SSNI-L only, reproduce the reference's batch-dependent min/max.
         differentiable: keep the graph through the EPS norm and use straight-through rounding,
             so that ``t`` has a gradient w.r.t. ``x`` (for adaptive attacks). Off by default:
@@ -140,6 +162,7 @@ class SSNI(NoiseLevelPolicy):
         chunk_size: largest batch per network call of the probe (None: one call).
     """
 
+    @renamed_keywords(levels="probe_levels")
     def __init__(
         self,
         model: ScoreModel,
@@ -148,7 +171,7 @@ class SSNI(NoiseLevelPolicy):
         reweight: str = "sigmoid",
         tau: Optional[float] = None,
         bias: float = 0.0,
-        levels: int = 20,
+        probe_levels: int = 20,
         batch_joined: bool = False,
         differentiable: bool = False,
         chunk_size: Optional[int] = None,
@@ -170,14 +193,14 @@ class SSNI(NoiseLevelPolicy):
             )
         if batch_joined and reweight != "linear":
             raise ValueError("batch_joined applies to reweight='linear' only")
-        if levels < 1:
-            raise ValueError(f"levels must be >= 1, got {levels}")
+        if probe_levels < 1:
+            raise ValueError(f"probe_levels must be >= 1, got {probe_levels}")
         self.model = model
         self.t_star = float(t_star)
         self.reweight = reweight
         self.tau = None if tau is None else float(tau)
         self.bias = float(bias)
-        self.levels = int(levels)
+        self.probe_levels = int(probe_levels)
         self.batch_joined = bool(batch_joined)
         self.differentiable = bool(differentiable)
         self.chunk_size = chunk_size
@@ -188,10 +211,13 @@ class SSNI(NoiseLevelPolicy):
         self.register_buffer("norm_max", nan.clone())
         self.register_buffer("norm_count", torch.tensor(0, dtype=torch.long))
 
+    #: Old name (the ``levels=`` keyword is deprecated).
+    levels = renamed_attribute("probe_levels")
+
     def extra_repr(self) -> str:
         return (
             f"reweight={self.reweight!r}, t_star={self.t_star}, tau={self.tau}, bias={self.bias}, "
-            f"levels={self.levels}, batch_joined={self.batch_joined}, "
+            f"levels={self.probe_levels}, batch_joined={self.batch_joined}, "
             f"differentiable={self.differentiable}, fitted={self.fitted}"
         )
 
@@ -209,7 +235,11 @@ class SSNI(NoiseLevelPolicy):
         check_images(x)
         check_model_input(x, self.model, "score model")
         return eps_score_norm(
-            self.model, x, levels=self.levels, generator=generator, chunk_size=self.chunk_size
+            self.model,
+            x,
+            probe_levels=self.probe_levels,
+            generator=generator,
+            chunk_size=self.chunk_size,
         )
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..deprecation import renamed_attribute, renamed_keywords
 from .sampling import make_step_rule, reverse
 from .score import ScoreModel
 from .validation import as_times, check_images, check_model_input
@@ -66,30 +67,40 @@ class DiffusionPurifier(Purifier):
     [-1, 1], calls ``denoise`` and maps back.
     """
 
+    @renamed_keywords(steps="reverse_steps", step_size="reverse_step_size")
     def __init__(
         self,
         model: ScoreModel,
         *,
         rule: str = "ddpm",
         eta: Optional[float] = None,
-        steps=None,
-        step_size: float = 1e-3,
+        reverse_steps=None,
+        reverse_step_size: float = 1e-3,
         checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(steps, int) and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if steps is None and not step_size > 0:
-            raise ValueError(f"step_size must be > 0, got {step_size}")
+        if isinstance(reverse_steps, int) and reverse_steps < 1:
+            raise ValueError(f"reverse_steps must be >= 1, got {reverse_steps}")
+        if reverse_steps is None and not reverse_step_size > 0:
+            raise ValueError(f"reverse_step_size must be > 0, got {reverse_step_size}")
         self.model = model
         self.rule_name = rule
         self.rule = make_step_rule(rule, eta)
-        self.steps = steps
-        self.step_size = None if steps is not None else float(step_size)
+        self.reverse_steps = reverse_steps
+        self.reverse_step_size = None if reverse_steps is not None else float(reverse_step_size)
         self.checkpoint = bool(checkpoint)
 
+    #: Old names (``steps=``/``step_size=`` keywords are deprecated).
+    steps = renamed_attribute("reverse_steps")
+    step_size = renamed_attribute("reverse_step_size")
+
     def extra_repr(self) -> str:
-        spacing = f"steps={self.steps}" if self.steps is not None else f"step_size={self.step_size}"
+        # the text is part of evaluation-log fingerprints: keep it stable
+        spacing = (
+            f"steps={self.reverse_steps}"
+            if self.reverse_steps is not None
+            else f"step_size={self.reverse_step_size}"
+        )
         return f"rule={self.rule_name!r}, {spacing}, checkpoint={self.checkpoint}"
 
     def denoise(
@@ -119,24 +130,32 @@ class DiffPure(DiffusionPurifier):
         rule: ``"ddpm"`` (generalised DDIM step with eta 1), ``"ddim"`` (eta 0) or ``"sde"``
             (Euler-Maruyama on the reverse VP-SDE).
         eta: override the DDIM eta.
-        steps: fixed number of reverse steps for every sample (instead of ``step_size``).
-        step_size: reverse step size in ``t`` (a sample at ``t`` takes ``ceil(t / step_size)``
-            steps); used when ``steps`` is None.
+        reverse_steps: fixed number of reverse steps for every sample (instead of
+            ``reverse_step_size``); old keyword ``steps``.
+        reverse_step_size: reverse step size in ``t`` (a sample at ``t`` takes
+            ``ceil(t / reverse_step_size)`` steps); used when ``reverse_steps`` is None; old
+            keyword ``step_size``.
         checkpoint: recompute network activations in the backward pass (memory flat in steps).
     """
 
+    @renamed_keywords(steps="reverse_steps", step_size="reverse_step_size")
     def __init__(
         self,
         model: ScoreModel,
         *,
         rule: str = "ddpm",
         eta: Optional[float] = None,
-        steps: Optional[int] = None,
-        step_size: float = 1e-3,
+        reverse_steps: Optional[int] = None,
+        reverse_step_size: float = 1e-3,
         checkpoint: bool = False,
     ) -> None:
         super().__init__(
-            model, rule=rule, eta=eta, steps=steps, step_size=step_size, checkpoint=checkpoint
+            model,
+            rule=rule,
+            eta=eta,
+            reverse_steps=reverse_steps,
+            reverse_step_size=reverse_step_size,
+            checkpoint=checkpoint,
         )
 
     def denoise(
@@ -150,8 +169,8 @@ class DiffPure(DiffusionPurifier):
                 x_t,
                 t,
                 rule=self.rule,
-                steps=self.steps,
-                step_size=self.step_size,
+                steps=self.reverse_steps,
+                step_size=self.reverse_step_size,
                 generator=generator,
                 checkpoint=self.checkpoint,
             )

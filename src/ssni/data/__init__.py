@@ -7,10 +7,6 @@ statistics and calibration) and ``"test"``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
-from torch import Tensor
-
 from .cifar10 import load_cifar10
 from .digits import digits_sha256, load_digits
 from .fashion_mnist import (
@@ -19,6 +15,16 @@ from .fashion_mnist import (
     load_fashion_mnist,
 )
 from .imagenet import load_imagenet_val
+from .registry import (
+    ALIASES,
+    DATASETS,
+    DatasetEntry,
+    dataset_entry,
+    dataset_sha256,
+    load_data,
+    load_dataset,
+    sample_split,
+)
 from .splits import SPLITS, holdout_split, subset
 
 __all__ = [
@@ -32,32 +38,12 @@ __all__ = [
     "digits_sha256",
     "holdout_split",
     "subset",
+    "DatasetEntry",
+    "DATASETS",
+    "ALIASES",
+    "dataset_entry",
     "load_dataset",
+    "sample_split",
     "dataset_sha256",
+    "load_data",
 ]
-
-_NAMES = ("fashion-mnist", "digits")
-
-
-def load_dataset(
-    name: str, split: str = "train", data_dir: Optional[str] = None
-) -> Tuple[Tensor, Tensor]:
-    """Load ``split`` of dataset ``name`` (``"fashion-mnist"`` or ``"digits"``).
-
-    ``data_dir`` is the directory of the files (ignored for digits, which ship with
-    scikit-learn).
-    """
-    if name == "fashion-mnist":
-        return load_fashion_mnist(split, data_dir)
-    if name == "digits":
-        return load_digits(split)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(_NAMES)}")
-
-
-def dataset_sha256(name: str, data_dir: Optional[str] = None) -> str:
-    """Provenance hash of the raw files of dataset ``name``."""
-    if name == "fashion-mnist":
-        return fashion_mnist_sha256(data_dir)
-    if name == "digits":
-        return digits_sha256()
-    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(_NAMES)}")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .splits import check_split, holdout_split
+from .splits import check_split, holdout_split, seeded_permutation
 
 __all__ = ["load_digits", "digits_sha256"]
 
@@ -43,8 +43,7 @@ def load_digits(split: str = "train", *, seed: int = SEED) -> Tuple[Tensor, Tens
     images, target = _all()
     x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(target.astype(np.int64))
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(x.shape[0], generator=gen)
+    perm = seeded_permutation(x.shape[0], seed)
     test_idx = perm[-N_TEST:].sort().values
     rest_idx = perm[:-N_TEST].sort().values
     if split == "test":

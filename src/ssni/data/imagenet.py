@@ -26,7 +26,13 @@ from torch import Tensor
 from .cifar10 import seeded_choice
 from .fashion_mnist import DatasetNotFoundError
 
-__all__ = ["load_imagenet_val", "list_image_folder", "load_image", "IMG_EXTENSIONS"]
+__all__ = [
+    "load_imagenet_val",
+    "sample_imagenet",
+    "list_image_folder",
+    "load_image",
+    "IMG_EXTENSIONS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +132,22 @@ def load_imagenet_val(
     images = [load_image(samples[i][0], size, resize) for i in chosen]
     labels = [samples[i][1] for i in chosen]
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def sample_imagenet(
+    root: PathLike, split: str, n: int, seed: int, size: int = 256
+) -> Tuple[Tensor, Tensor]:
+    """ImageNet has only the validation folder: ``"test"`` is the paper's seeded subset (the
+    first half of a seeded permutation, as :func:`load_imagenet_val`); ``"train"``/``"val"``
+    (held-out images for statistics and calibration) come from the second half."""
+    if split == "test":
+        return load_imagenet_val(root, n=n, seed=seed, size=size)
+    samples, _ = list_image_folder(root)
+    perm = np.random.RandomState(seed).permutation(len(samples))
+    pool = perm[len(samples) // 2 :]
+    if n > pool.size:
+        raise ValueError(f"only {pool.size} held-out ImageNet images available, asked {n}")
+    chosen = pool[:n]
+    x = torch.stack([load_image(samples[i][0], size) for i in chosen])
+    y = torch.tensor([samples[i][1] for i in chosen], dtype=torch.int64)
+    return x, y

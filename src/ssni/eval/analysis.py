@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..core.defense import majority_vote
 from ..core.policies import NoiseLevelPolicy
 from ..core.purifiers import Purifier
 
@@ -69,12 +70,13 @@ def correctness_grid(
     for j, level in enumerate(t.tolist()):
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-            counts = None
+            labels, classes = [], 0
             for _ in range(votes):
                 logits = classifier(purifier(xb, float(level), generator=generator))
-                one = torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1])
-                counts = one if counts is None else counts + one
-            out[i : i + batch_size, j] = counts.argmax(1).to(device) == yb
+                labels.append(logits.argmax(1))
+                classes = logits.shape[1]
+            pred = majority_vote(torch.stack(labels), classes)
+            out[i : i + batch_size, j] = pred.to(device) == yb
             if progress is not None:
                 progress(xb.shape[0])
     return out

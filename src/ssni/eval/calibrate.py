@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.learned import LearnedPolicy, feature_names
-from ..core.policies import SSNI, Constant, NoiseLevelPolicy
+from ..core.policies import POLICY_NAME, REWEIGHT, SSNI, Constant, NoiseLevelPolicy
 from ..core.purifiers import Purifier
 from ..core.score import ScoreModel
 from ..io.files import replacing, write_text_atomic
@@ -63,8 +63,6 @@ POLICY_FORMAT = "ssni-policy"
 POLICY_VERSION = 1
 PathLike = Union[str, "os.PathLike[str]"]
 Progress = Optional[Callable[[int], None]]
-_REWEIGHT = {"ssni-n": "sigmoid", "ssni-l": "linear"}
-_NAME = {v: k for k, v in _REWEIGHT.items()}
 #: Every policy kind a policy file (and the ``policy`` configuration key) can name.
 POLICY_KINDS = ("constant", "ssni-n", "ssni-l", "ssni-learned")
 
@@ -80,11 +78,11 @@ def policy_state(policy: NoiseLevelPolicy) -> Dict[str, Any]:
         if not policy.fitted:
             raise ValueError("the SSNI policy has no clean statistics; fit it before saving")
         return {
-            "policy": _NAME[policy.reweight],
+            "policy": POLICY_NAME[policy.reweight],
             "t_star": policy.t_star,
             "tau": policy.tau,
             "bias": policy.bias,
-            "levels": policy.levels,
+            "levels": policy.probe_levels,
             "batch_joined": policy.batch_joined,
             "statistics": policy.statistics(),
         }
@@ -182,10 +180,10 @@ def load_policy(
     policy = SSNI(
         model,
         t_star=float(doc["t_star"]),
-        reweight=_REWEIGHT[doc["policy"]],
+        reweight=REWEIGHT[doc["policy"]],
         tau=None if doc.get("tau") is None else float(doc["tau"]),
         bias=float(doc.get("bias", 0.0)),
-        levels=int(doc.get("levels", 20)),
+        probe_levels=int(doc.get("levels", 20)),
         batch_joined=bool(doc.get("batch_joined", False)),
         chunk_size=chunk_size,
     )
@@ -504,7 +502,7 @@ def select(
     policy.tau = best["tau"]
     policy.bias = best["bias"]
     return CalibrationResult(
-        policy=_NAME[policy.reweight],
+        policy=POLICY_NAME[policy.reweight],
         t_star=policy.t_star,
         objective=objective,
         min_robust=floor,

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 
 from ..attacks.base import Attack
 from ..attacks.gradients import forward
+from ..attacks.target import AttackTarget
+from ..core.defense import majority_vote
 from ..core.validation import check_images
 from .checks import is_stochastic, undefended_check
 from .distributed import agree, broadcast, gather, rank_of, share, world_of
@@ -90,12 +92,6 @@ def _check_labels(y: Tensor, classes: int) -> None:
         )
 
 
-def _majority(preds: Tensor, classes: int) -> Tensor:
-    """``preds`` ``(P, B)`` -> ``(B,)`` majority label (ties: smallest)."""
-    counts = torch.nn.functional.one_hot(preds, classes).sum(0)
-    return counts.argmax(1)
-
-
 def _passes(model, x: Tensor, n: int, generator) -> Tensor:
     """``(n, B)`` predicted labels of ``n`` stochastic no-grad passes."""
     with torch.no_grad():
@@ -141,8 +137,8 @@ def _attack_chunk(
         x_adv = attack.threat.project(x_adv, x)
     adv = _passes(defense, x_adv, passes, gen_adv)
     t_adv, e_adv = _probe(defense, x_adv, gen_adv)
-    clean_pred = _majority(clean[:votes], classes)
-    adv_pred = _majority(adv[:votes], classes)
+    clean_pred = majority_vote(clean[:votes], classes)
+    adv_pred = majority_vote(adv[:votes], classes)
     clean_ok = clean_pred == y
     robust = clean_ok & (adv_pred == y)
     robust_worst = clean_ok & (adv[:worst_of] == y).all(0)
@@ -188,7 +184,7 @@ def _attack_chunk(
 
 
 def evaluate(
-    defense: nn.Module,
+    defense: Union[nn.Module, AttackTarget],
     attack: Attack,
     data: Union[Tuple[Tensor, Tensor], Iterable],
     *,
@@ -211,9 +207,11 @@ def evaluate(
 
     Args:
         defense: the defense judged (e.g. :class:`ssni.Defense`; any module mapping images in
-            [0, 1] to logits works, with ``generator=`` passed if its ``forward`` takes one).
+            [0, 1] to logits works, with ``generator=`` passed if its ``forward`` takes one), or
+            an :class:`~ssni.attacks.AttackTarget` carrying the judged defense and the model
+            whose gradient is taken.
         attack: e.g. ``PGD(ThreatModel("Linf", 8 / 255))``; called as
-            ``attack(surrogate or defense, x, y, generator)``.
+            ``attack(target.gradient, x, y, generator)``.
         data: ``(x, y)`` tensors (images ``(N, C, H, W)`` in [0, 1], labels ``(N,)``) or an
             iterable of such batches.
         seeds: one full repetition per seed (paper: 121, 122, 123).
@@ -221,8 +219,8 @@ def evaluate(
         worst_of: N of worst-of-N (robust only if all N passes on the adversarial input are
             right).
         batch_size: samples per chunk; part of the configuration (it fixes the randomness).
-        surrogate: model whose gradients the attack follows (e.g. the defense with fewer reverse
-            steps, or ``bpda(defense)``); success is still judged on ``defense``.
+        surrogate: model whose gradients the attack follows (e.g. ``bpda(defense)``); success
+            is still judged on ``defense``. Same as ``AttackTarget(defense, surrogate)``.
         log_path: JSONL log for resuming; refused if written by another configuration.
         resume_from: other logs of this configuration (e.g. those of the ranks of an earlier
             distributed run) whose finished samples count as done; read only, never repeated.
@@ -247,12 +245,15 @@ def evaluate(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
+    target = AttackTarget.of(defense, surrogate)
+    defense = target.judged
+    surrogate = target.gradient if target.distinct else None
     x, y = _as_tensors(data)
     device = device_of(defense)
     x, y = x.to(device), y.to(device)
     n = x.shape[0]
     passes = max(votes, worst_of)
-    grad_model = surrogate if surrogate is not None else defense
+    grad_model = target.gradient
     sanity_n = min(int(sanity_samples), n) if sanity_checks else 0
     config = jsonable(
         {

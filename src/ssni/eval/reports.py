@@ -186,6 +186,18 @@ def _fmt(metric: str, stat: Mapping[str, Any]) -> str:
     return text
 
 
+def markdown_rows(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], align: Optional[str] = None
+) -> str:
+    """A markdown table of ``header`` and ``rows``; ``align`` has one letter per column, ``l``
+    or ``r`` (default: the first column left, the others right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    align = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(
     summary: Sequence[Mapping[str, Any]], metrics: Optional[Sequence[str]] = None
 ) -> str:
@@ -197,15 +209,71 @@ def markdown_table(
             names.update(e["metrics"])
         metrics = _metric_order(names)
     header = ["Configuration", "Seeds"] + [METRIC_LABELS.get(m, m) for m in metrics]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * len(metrics)) + "|",
-    ]
+    rows = []
     for e in summary:
         cells = [e["label"], str(len(e["seeds"]))]
         cells += [_fmt(m, e["metrics"][m]) if m in e["metrics"] else "-" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_rows(header, rows, align="ll" + "r" * len(metrics))
+
+
+def calibration_markdown(result, name: str, policy: str, t_star: float) -> str:
+    """The report of ``ssni calibrate``: baseline line, the (tau, b) grid and the choice
+    (``result``: :class:`ssni.eval.calibrate.CalibrationResult`)."""
+    rows = []
+    for r in result.table:
+        tau = "std" if r["tau"] is None else f"{r['tau_std_multiple']:.3g} std"
+        rows.append(
+            [
+                tau,
+                f"{r['bias']:.3g}",
+                f"{100 * r['clean_acc']:.1f}",
+                f"{100 * r['robust_acc']:.1f}",
+                f"{1000 * r['mean_t_clean']:.1f}",
+                f"{1000 * r['mean_t_adv']:.1f}",
+                "yes" if r["feasible"] else "no",
+            ]
+        )
+    header = ["tau", "b", "clean acc (%)", "robust acc (%)", "mean t clean", "mean t adv",
+              "feasible"]
+    table = markdown_rows(header, rows, align="lrrrrrl")
+    base_line = (
+        f"constant t* = {t_star:g}: clean {100 * result.baseline['clean_acc']:.1f} %, "
+        f"robust {100 * result.baseline['robust_acc']:.1f} % "
+        f"({result.n_calibration} validation images, transfer attack from constant t*)"
+    )
+    chosen = result.chosen
+    return (
+        f"# Calibration of {policy} ({name})\n\n{base_line}\n\n{table}\n"
+        f"chosen: tau = {chosen['tau']}, b = {chosen['bias']:g} "
+        f"(clean {100 * chosen['clean_acc']:.1f} %, robust {100 * chosen['robust_acc']:.1f} %, "
+        f"objective {result.objective}, robust floor {100 * result.min_robust:.1f} %)\n"
+    )
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f} %"
+
+
+def analysis_markdown(result, name: str, n: int, t_star: float) -> str:
+    """The report of ``ssni analyze-t`` (``result``: :class:`ssni.eval.analysis.TAnalysis`):
+    the four fractions and accuracy per grid level."""
+    fr = result.fractions()
+    grid = result.t_grid.tolist()
+    rows = [
+        [f"{label} acc (%)"] + [f"{100 * a:.1f}" for a in acc]
+        for label, acc in result.accuracy_curves().items()
+    ]
+    lines = [
+        f"# Per-sample optimal t ({name}, {n} images, t* = {t_star:g})",
+        "",
+        f"clean samples right only at t < t*:       {_pct(fr['clean_right_only_below_t_star'])}",
+        f"adversarial samples right only at t > t*: {_pct(fr['adv_right_only_above_t_star'])}",
+        f"clean never right on the grid:            {_pct(fr['clean_never_right'])}",
+        f"adversarial never right on the grid:      {_pct(fr['adv_never_right'])}",
+        "",
+    ]
+    return "\n".join(lines) + "\n" + markdown_rows(["t"] + [f"{1000 * t:g}" for t in grid], rows)
 
 
 def _csv_rows(summary: Sequence[Mapping[str, Any]]) -> Tuple[List[str], List[Dict[str, Any]]]:
@@ -340,7 +408,7 @@ def merge_reports(paths: Sequence[PathLike]) -> List[Dict[str, Any]]:
 # ----------------------------------------------------------------------------- figures
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -349,7 +417,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: PathLike) -> Path:
+def save_figure(fig, path: PathLike) -> Path:
     path = Path(path)
     import matplotlib.pyplot as plt
 
@@ -361,11 +429,29 @@ def _save(fig, path: PathLike) -> Path:
     return path
 
 
+def plot_image_grid(rows, path: PathLike, title: str = "") -> Path:
+    """One row of grey images per ``(label, images (N, 1, H, W) in [0, 1])`` of ``rows``."""
+    plt = pyplot()
+    n = rows[0][1].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.2 * len(rows)), squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(imgs[c, 0].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 def plot_score_norm_hist(
     clean: ArrayLike, adv: ArrayLike, path: PathLike, *, title: Optional[str] = None
 ) -> Path:
     """Histograms of EPS score norms of clean and adversarial inputs, with the ROC AUC."""
-    plt = _pyplot()
+    plt = pyplot()
     c, a = _as_array(clean), _as_array(adv)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     both = np.concatenate([c, a]) if a.size else c
@@ -380,7 +466,7 @@ def plot_score_norm_hist(
         heading += f" (AUC {roc_auc(c, a):.3f})"
     ax.set_title(heading)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_t_hist(
@@ -392,7 +478,7 @@ def plot_t_hist(
 ) -> Path:
     """Histograms of per-sample noise levels ``t(x)``, one per entry (e.g. clean, adversarial);
     levels are shown in steps of 1/1000."""
-    plt = _pyplot()
+    plt = pyplot()
     arrays = {k: _as_array(v) * 1000.0 for k, v in levels.items()}
     fig, ax = plt.subplots(figsize=(5, 3.5))
     values = np.concatenate([v for v in arrays.values() if v.size] or [np.zeros(1)])
@@ -407,7 +493,7 @@ def plot_t_hist(
     ax.set_ylabel("count")
     ax.set_title(title or "Per-sample noise levels")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_t(
@@ -419,7 +505,7 @@ def plot_accuracy_vs_t(
     title: Optional[str] = None,
 ) -> Path:
     """Accuracy (in %) against the constant noise level, one line per entry of ``curves``."""
-    plt = _pyplot()
+    plt = pyplot()
     t = _as_array(t_grid) * 1000.0
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, acc in curves.items():
@@ -431,7 +517,7 @@ def plot_accuracy_vs_t(
     ax.set_ylim(-2, 102)
     ax.set_title(title or "Accuracy vs noise level")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _sort_rows(correct: np.ndarray) -> np.ndarray:
@@ -456,7 +542,7 @@ def plot_t_map(
     rows are sorted by the first level where the sample is right. ``t_of_x`` (optional, ``(N,)``)
     marks each sample's SSNI level on its row.
     """
-    plt = _pyplot()
+    plt = pyplot()
     t = _as_array(t_grid)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     edges = np.concatenate(
@@ -479,4 +565,4 @@ def plot_t_map(
         ax.set_ylabel("sample (sorted)")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["keyed_generator", "device_of"]
+__all__ = ["keyed_generator", "seeded_generator", "device_of"]
 
 
 def keyed_generator(device: torch.device, *key: int) -> torch.Generator:
@@ -19,7 +19,13 @@ def keyed_generator(device: torch.device, *key: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def seeded_generator(seed: int, device="cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with the one integer ``seed`` (``manual_seed``)."""
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
 def device_of(module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (CPU if it has none)."""
     if isinstance(module, nn.Module):
         for p in module.parameters():
             return p.device

@@ -2,7 +2,8 @@
 
 * :data:`SCORE_MODELS`: ``load_score_model(name, path)`` -> :class:`~ssni.core.score.ScoreModel`.
 * :data:`CLASSIFIERS`: ``load_classifier(name, path)`` -> ``nn.Module`` taking images in [0, 1].
-* :data:`DATASETS`: ``load_data(name, root, **kw)`` -> ``(x, y)``.
+* :data:`DATASETS`: ``load_data(name, root, **kw)`` -> ``(x, y)`` (the one dataset registry,
+  :mod:`ssni.data.registry`, re-exported here).
 
 Every entry says where its file comes from; nothing is downloaded. Checkpoints are read without
 running code (see :mod:`ssni.io.checkpoints`); a missing, corrupt or mismatched file raises
@@ -16,12 +17,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
 from ..core.diffusion import VPSchedule
 from ..core.score import EpsilonNetwork, ScoreModel
+from ..data.registry import DATASETS, DatasetEntry, load_data
 from ..nets import _torchvision_models, build_network
 from ..nets.wrn import CIFAR10_MEAN, CIFAR10_STD
 from .adapters import IMAGENET_MEAN, IMAGENET_STD, Normalized, Resized, load_diffusers_unet
@@ -90,16 +92,6 @@ class ClassifierEntry:
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
     resize: bool = False
-
-
-@dataclass(frozen=True)
-class DatasetEntry:
-    """A dataset read from local files: ``loader`` is ``"module:function"`` in ``ssni.data``."""
-
-    summary: str
-    source: str
-    loader: str
-    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 _VP = {"beta_min": 0.1, "beta_max": 20.0, "num_steps": 1000}
@@ -197,26 +189,6 @@ CLASSIFIERS: Mapping[str, ClassifierEntry] = MappingProxyType(
         },
     }
 )
-
-DATASETS: Mapping[str, DatasetEntry] = MappingProxyType(
-    {
-        "cifar10": DatasetEntry(
-            summary="CIFAR-10, python pickle batches; the paper evaluates 512 seeded test images",
-            source="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (folder "
-            "cifar-10-batches-py, or the archive itself)",
-            loader="cifar10:load_cifar10",
-            defaults=MappingProxyType({"split": "test", "n": 512, "seed": 0}),
-        ),
-        "imagenet-val": DatasetEntry(
-            summary="ImageNet validation set as one folder per class (wnid); the paper "
-            "evaluates 128 seeded images",
-            source="ILSVRC2012 validation images arranged in class subfolders",
-            loader="imagenet:load_imagenet_val",
-            defaults=MappingProxyType({"n": 128, "seed": 0, "size": 256}),
-        ),
-    }
-)
-
 
 def _lookup(registry: Mapping[str, Any], name: str, kind: str) -> Any:
     if name not in registry:
@@ -326,16 +298,3 @@ def load_classifier(name: Union[str, ClassifierEntry], path: PathLike) -> nn.Mod
     if entry.resize:
         model = Resized(model, entry.input_size)
     return _freeze(model)
-
-
-def load_data(name: str, root: PathLike, **kwargs: Any):
-    """Load dataset ``name`` of :data:`DATASETS` from ``root`` with its defaults overridden by
-    ``kwargs``; returns ``(x, y)`` with ``x`` float32 in [0, 1] ``(N, 3, H, W)``."""
-    import importlib
-
-    entry: DatasetEntry = _lookup(DATASETS, name, "dataset")
-    module_name, func_name = entry.loader.split(":")
-    func = getattr(importlib.import_module(f"ssni.data.{module_name}"), func_name)
-    options: Dict[str, Any] = dict(entry.defaults)
-    options.update(kwargs)
-    return func(root, **options)
