@@ -112,7 +112,7 @@ def test_fractions_match_the_analytic_gaussian_model():
     assert float(res.clean_t.max()) <= t_star + 1e-9
 
 
-def test_analyze_t_command_writes_its_figure(tmp_path):
+def test_analyze_t_command_writes_its_figure(tmp_path, fashion_mnist):
     from ssni.cli.main import main
 
     s, c = tiny_weights(tmp_path)

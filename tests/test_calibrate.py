@@ -1,7 +1,6 @@
 """tau/b calibration on validation data, policy files, and the calibrate command."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from ssni.eval.calibrate import calibrate, load_policy, read_policy_file, save_p
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import record_splits, tiny_sets, tiny_weights  # noqa: E402
 
-FMNIST = Path(os.environ.get("SSNI_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 ROW = "fmnist-diffpure-ssni-n-pgd-linf"
 
 
@@ -85,13 +83,12 @@ def test_grid_search_respects_objective_and_constraint(reweight):
         calibrate(ssni.Constant(0.1), purifier, clf, x_stats, x_cal, y_cal, x_adv)
 
 
-@pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Fashion-MNIST idx files not installed")
-def test_calibrate_command_uses_validation_data_only(tmp_path, monkeypatch, capsys):
+def test_calibrate_command_uses_validation_data_only(tmp_path, monkeypatch, capsys,
+                                                     fashion_mnist):
     import ssni.data.registry as registry
 
     s, c = tiny_weights(tmp_path)
-    train_only, requested, original = record_splits(tmp_path, monkeypatch, FMNIST)
+    train_only, requested, original = record_splits(tmp_path, monkeypatch, fashion_mnist)
     out = tmp_path / "cal"
     args = ["--quiet", "calibrate", "--preset", ROW, *tiny_sets(s, c, data_dir=train_only),
             "--out", str(out)]

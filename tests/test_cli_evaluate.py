@@ -67,7 +67,7 @@ def test_runtime_failure_exits_1(tmp_path, capsys, weights):
     assert "failed" in capsys.readouterr().err
 
 
-def test_evaluate_end_to_end_and_report(tmp_path, capsys, weights):
+def test_evaluate_end_to_end_and_report(tmp_path, capsys, weights, fashion_mnist):
     s, c = weights
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     assert main(["--quiet", "evaluate", "--preset", ROW, *tiny_sets(s, c), "--out", str(run1)]) == 0
@@ -95,19 +95,7 @@ def test_evaluate_end_to_end_and_report(tmp_path, capsys, weights):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
-def test_shipped_weights_row_runs(tmp_path):
-    from ssni.cli.build import LOCAL_MODELS, repo_root
-
-    root = repo_root()
-    files = [root / "weights" / f for f, _ in LOCAL_MODELS.values()] if root else []
-    if not files or not all(f.is_file() for f in files):
-        pytest.skip("shipped Fashion-MNIST weights (weights/fmnist_*.safetensors) not present")
-    try:
-        from ssni.data import load_fashion_mnist
-
-        load_fashion_mnist("val")
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST idx files not installed")
+def test_shipped_weights_row_runs(tmp_path, fashion_mnist):
     args = ["--quiet", "evaluate", "--preset", ROW, "--set", "n=16", "--set", "seeds=121",
             "--set", "stats_n=32", "--set", "iterations=1", "--out", str(tmp_path / "run")]
     assert main(args) == 0
@@ -115,17 +103,19 @@ def test_shipped_weights_row_runs(tmp_path):
     assert doc["rows"][0]["config"]["score_model"] == "fmnist-unet"
 
 
-def test_weights_are_found_in_cwd_first_then_in_the_repository(tmp_path, monkeypatch, weights):
+def test_weights_are_found_in_cwd_first_then_in_the_package(tmp_path, monkeypatch, weights):
     import shutil
 
-    from ssni.cli import build
+    import ssni
+    from ssni.io.weights import SHIPPED_WEIGHTS, find_weights
 
     monkeypatch.chdir(tmp_path)
+    package = Path(ssni.__file__).parent / "weights"
+    for filename, _ in SHIPPED_WEIGHTS.values():
+        assert find_weights(filename) == package / filename
     (tmp_path / "weights").mkdir()
     local = tmp_path / "weights" / "fmnist_cnn.safetensors"
     shutil.copy(weights[1], local)
-    assert build.find_weights("fmnist_cnn.safetensors") == local
-    root = build.repo_root()
-    assert root is not None and (root / "src" / "ssni").is_dir()
-    with pytest.raises(FileNotFoundError):
-        build.find_weights("no_such_weights.safetensors")
+    assert find_weights("fmnist_cnn.safetensors") == local
+    with pytest.raises(FileNotFoundError, match="not found"):
+        find_weights("no_such_weights.safetensors")

@@ -18,7 +18,7 @@ from ssni.data import (
     load_fashion_mnist,
     subset,
 )
-from ssni.data.fashion_mnist import DEFAULT_DIR, read_idx
+from ssni.data.fashion_mnist import read_idx
 
 
 def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
@@ -127,12 +127,8 @@ def test_missing_dataset_error_says_how_to_get_it(tmp_path):
         load_dataset("no-such-dataset")
 
 
-@pytest.mark.skipif(
-    not (Path(DEFAULT_DIR) / "t10k-images-idx3-ubyte.gz").exists(),
-    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
-)
-def test_real_fashion_mnist_test_split():
-    x, y = load_fashion_mnist("test")
+def test_real_fashion_mnist_test_split(fashion_mnist):
+    x, y = load_fashion_mnist("test", fashion_mnist)
     assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0
     assert torch.equal(torch.bincount(y), torch.full((10,), 1000))

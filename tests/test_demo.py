@@ -4,21 +4,13 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from ssni.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import tiny_weights  # noqa: E402
 
 
-def test_demo_code_path_on_a_few_images(tmp_path, capsys):
-    try:
-        from ssni.data import load_fashion_mnist
-
-        load_fashion_mnist("val")
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST idx files not installed (apt-get install dataset-fashion-mnist)")
+def test_demo_code_path_on_a_few_images(tmp_path, capsys, fashion_mnist):
     score, clf = tiny_weights(tmp_path)
     sets = dict(score_model_path=score, classifier_path=clf, stats_n=8, levels=2,
                 purify_steps=2, surrogate_steps=1, iterations=1, eot=1)

@@ -2,9 +2,9 @@
 
 The only place (with the CLI) that reads configuration and moves models to ``config.device``.
 
-Models: for Fashion-MNIST the shipped weights ``weights/fmnist_unet.safetensors`` and
-``weights/fmnist_cnn.safetensors`` (names ``fmnist-unet`` / ``fmnist-cnn``) are found in
-``./weights`` first, then in the ``weights`` folder of the repository holding the package; an
+Models: for Fashion-MNIST the shipped weights ``fmnist_unet.safetensors`` and
+``fmnist_cnn.safetensors`` (names ``fmnist-unet`` / ``fmnist-cnn``) are found in ``./weights``
+first, then inside the package (``ssni/weights``, :func:`ssni.io.weights.find_weights`); an
 explicit ``score_model_path`` / ``classifier_path`` always wins. The name ``file`` loads any
 weights file written by ``ssni train-*``. CIFAR-10 and ImageNet models are entries of
 :mod:`ssni.io.zoo` and need their local checkpoint files.
@@ -30,13 +30,13 @@ from ..core.policies import REWEIGHT, SSNI, Constant, NoiseLevelPolicy
 from ..core.purifiers import DiffPure, Purifier
 from ..core.score import ScoreModel
 from ..eval.streams import seeded_generator
+from ..io.weights import SHIPPED_WEIGHTS, find_weights
 from .config import ConfigError, RunConfig
 
 __all__ = [
     "LOCAL_MODELS",
     "DEFAULT_MODELS",
     "find_weights",
-    "repo_root",
     "load_images",
     "eval_images",
     "heldout_images",
@@ -55,11 +55,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Weights shipped with the repository: name -> (file under weights/, kind).
-LOCAL_MODELS: Dict[str, Tuple[str, str]] = {
-    "fmnist-unet": ("fmnist_unet.safetensors", "score_model"),
-    "fmnist-cnn": ("fmnist_cnn.safetensors", "classifier"),
-}
+#: Weights shipped inside the package: name -> (file name, kind).
+LOCAL_MODELS = SHIPPED_WEIGHTS
 #: Default (score model, classifier) per dataset.
 DEFAULT_MODELS: Dict[str, Tuple[str, str]] = {
     "fashion-mnist": ("fmnist-unet", "fmnist-cnn"),
@@ -67,30 +64,6 @@ DEFAULT_MODELS: Dict[str, Tuple[str, str]] = {
     "cifar10": ("cifar10-ddpmpp", "cifar10-wrn-28-10"),
     "imagenet": ("imagenet-guided-256-uncond", "imagenet-resnet50"),
 }
-
-
-def repo_root() -> Optional[Path]:
-    """The source checkout holding this package (``<root>/src/ssni``), if there is one."""
-    here = Path(__file__).resolve().parent
-    for parent in here.parents:
-        if (parent / "pyproject.toml").is_file() or (parent / "weights").is_dir():
-            return parent
-    return None
-
-
-def find_weights(filename: str) -> Path:
-    """``./weights/<filename>``, else ``<repo>/weights/<filename>``; ConfigError if neither."""
-    candidates = [Path.cwd() / "weights" / filename]
-    root = repo_root()
-    if root is not None:
-        candidates.append(root / "weights" / filename)
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"weights/{filename} not found (looked in {', '.join(str(c.parent) for c in candidates)});"
-        " train it with `ssni train-score`/`ssni train-classifier` or pass its path"
-    )
 
 
 # ----------------------------------------------------------------------------- data
@@ -248,12 +221,14 @@ def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False
 
 
 def resolve_policy_file(path: str) -> Path:
-    """``path`` as given if it exists, else relative to the repository holding the package (so
-    presets can name shipped policy files such as ``weights/<name>.safetensors``)."""
+    """``path`` as given if it exists; else, for ``weights/<name>`` (how presets name shipped
+    policy files), the file found by :func:`~ssni.io.weights.find_weights` (the package's copy)."""
     p = Path(path)
-    root = repo_root()
-    if not p.exists() and not p.is_absolute() and root is not None and (root / p).is_file():
-        return root / p
+    if not p.exists() and not p.is_absolute() and len(p.parts) == 2 and p.parts[0] == "weights":
+        try:
+            return find_weights(p.name)
+        except FileNotFoundError:
+            pass
     return p
 
 

@@ -31,6 +31,8 @@ class WeightFileError(CheckpointError, ValueError):
     """A weights file that is not a usable ssni weights file (one line naming the file)."""
 
 __all__ = [
+    "SHIPPED_WEIGHTS",
+    "find_weights",
     "METADATA_KEY",
     "TIME_SCALE",
     "save_weights",
@@ -46,6 +48,29 @@ PathLike = Union[str, "os.PathLike[str]"]
 METADATA_KEY = "ssni"
 TIME_SCALE = 1000.0
 FORMAT_VERSION = 1
+
+
+#: Weights shipped inside the package (``ssni/weights/``): name -> (file name, kind).
+SHIPPED_WEIGHTS: Dict[str, Tuple[str, str]] = {
+    "fmnist-unet": ("fmnist_unet.safetensors", "score_model"),
+    "fmnist-cnn": ("fmnist_cnn.safetensors", "classifier"),
+}
+
+
+def find_weights(filename: str) -> Path:
+    """``./weights/<filename>`` in the working directory, else the copy shipped inside the
+    package (``ssni/weights/<filename>``); ``FileNotFoundError`` naming both places."""
+    from importlib.resources import files
+
+    shipped = Path(str(files("ssni") / "weights"))
+    candidates = [Path.cwd() / "weights" / filename, shipped / filename]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"weights/{filename} not found (looked in {', '.join(str(c.parent) for c in candidates)});"
+        " train it with `ssni train-score`/`ssni train-classifier` or pass its path"
+    )
 
 
 def _jsonable(kwargs: Dict[str, Any]) -> Dict[str, Any]:
