@@ -15,7 +15,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# independent attack implementation for cross-checks (its declared deps would pull torchvision)
+	# independent attack implementation for cross-checks: the `crosscheck` extra of pyproject.toml,
+	# installed without its declared dependencies (they would pull an unpinned torchvision and
+	# another torch); what it imports at run time is in the dev extra
 	$(BIN)/pip install -q --no-deps torchattacks
 	touch $(STAMP)
 

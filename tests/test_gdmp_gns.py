@@ -222,7 +222,7 @@ def test_gns_per_stage_steps_and_gradient_wrt_t():
         {"reference_t": 0.0},
         {"reverse_steps": (1, 2)},
         {"reverse_steps": 0},
-        {"step_size": 0.0},
+        {"reverse_step_size": 0.0},
     ],
 )
 def test_gns_rejects_bad_arguments(kwargs):
