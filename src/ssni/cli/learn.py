@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import EXAMPLE_PRESET, _add_config_args, _Bar, _craft, _emit, _quiet, _setup
+from ..eval.streams import seeded_generator
+from .common import EXAMPLE_PRESET, add_config_args, craft, emit, quiet, setup_logging, write_config
 from .outdir import locks_out
+from .progress import Progress
 
 LEARNED_EXAMPLE = "fmnist-diffpure-ssni-learned-pgd-linf"
 
@@ -53,13 +55,12 @@ def cmd_train_policy(args) -> int:
     from . import build
     from .config import load_config
 
-    _setup(args)
+    setup_logging(args)
     # a preset's policy_file names the shipped policy: this command writes a new one instead
     cfg = load_config(args.preset, args.overrides).replace(policy="ssni-learned", policy_file="")
     out = Path(args.out)
-    from .evaluate import _write_config
 
-    _write_config(out, cfg)
+    write_config(out, cfg)
     start = time.perf_counter()
     model = build.build_score_model(cfg)
     classifier = build.build_classifier(cfg)
@@ -81,15 +82,15 @@ def cmd_train_policy(args) -> int:
         # the validation split only: the learned policy never sees test images
         x, y = build.load_images(cfg, "val", cfg.learn_n, cfg.subset_seed)
         x, y = x.to(dev), y.to(dev)
-        gen = build.seeded_generator(cfg.seeds[0], dev)
+        gen = seeded_generator(cfg.seeds[0], dev)
         base = Defense(classifier, purifier, Constant(cfg.t_star))
         setup = build.build_attack(cfg, base, iterations=cfg.calib_iterations, eot=cfg.calib_eot)
         attack_desc = setup.description + " vs constant t*"
-        bar = _Bar(x.shape[0], "attack (constant t*)", _quiet(args))
-        x_adv = _craft(setup, x, y, cfg, gen, bar)
+        bar = Progress(x.shape[0], "attack (constant t*)", quiet(args))
+        x_adv = craft(setup, x, y, cfg, gen, bar)
         bar.close()
         n_levels = int(round((cfg.t_star + cfg.bias) / cfg.learn_resolution)) + 2
-        bar = _Bar(2 * x.shape[0] * (1 + n_levels), "probe and table", _quiet(args))
+        bar = Progress(2 * x.shape[0] * (1 + n_levels), "probe and table", quiet(args))
         data = policy_data(
             policy, purifier, classifier, x, y, x_adv, resolution=cfg.learn_resolution,
             votes=cfg.learn_votes, batch_size=cfg.batch_size, generator=gen, progress=bar,
@@ -125,8 +126,8 @@ def cmd_train_policy(args) -> int:
                                                 "attack": attack_desc})
     text = _markdown(cfg, result, attack_desc)
     write_text_atomic(out / "training.md", text)
-    _emit(text)
-    _emit(f"wrote {policy_path} ({seconds:.1f} s); use it with --set policy_file={policy_path}")
+    emit(text)
+    emit(f"wrote {policy_path} ({seconds:.1f} s); use it with --set policy_file={policy_path}")
     return 0
 
 
@@ -184,7 +185,7 @@ def register(subparsers) -> None:
         "--set policy_file=runs/lp/policy.safetensors --out ...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--policy-out", metavar="FILE",
                    help="policy file (.safetensors); default OUT/policy.safetensors")
     p.set_defaults(func=cmd_train_policy)
