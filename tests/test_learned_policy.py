@@ -1,6 +1,5 @@
 """The learned noise-level policy: range, gradients, policy files, training, train-policy."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from ssni.eval.learn import PolicyData, fit_policy, optimal_levels, policy_featu
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import record_splits, tiny_sets, tiny_weights  # noqa: E402
 
-FMNIST = Path(os.environ.get("SSNI_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 ROW = "fmnist-diffpure-ssni-learned-pgd-linf"
 
 
@@ -172,13 +170,11 @@ def test_training_beats_the_constant_level_and_weights_shift_levels_up():
     assert means[1] >= means[0]
 
 
-@pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Fashion-MNIST idx files not installed")
-def test_train_policy_reads_validation_data_only(tmp_path, monkeypatch, capsys):
-    import ssni.data as data
+def test_train_policy_reads_validation_data_only(tmp_path, monkeypatch, capsys, fashion_mnist):
+    import ssni.data.registry as data
 
     s, c = tiny_weights(tmp_path)
-    train_only, requested, original = record_splits(tmp_path, monkeypatch, FMNIST)
+    train_only, requested, original = record_splits(tmp_path, monkeypatch, fashion_mnist)
     out = tmp_path / "lp"
     sets = tiny_sets(s, c, data_dir=train_only, learn_n=8, learn_steps=50,
                      learn_resolution=0.05, learn_weights="1,4")
