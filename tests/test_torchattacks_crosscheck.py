@@ -28,7 +28,7 @@ def _acc(model, x, y):
 CASES = {
     "PGD-Linf": (
         lambda: PGD(ThreatModel("Linf", 0.1), iterations=STEPS, step_size=0.01, eot=1),
-        lambda m: torchattacks.PGD(m, eps=0.1, alpha=0.01, iterations=STEPS, random_start=False),
+        lambda m: torchattacks.PGD(m, eps=0.1, alpha=0.01, steps=STEPS, random_start=False),
     ),
     "PGD-L2": (
         lambda: PGD(ThreatModel("L2", 0.5), iterations=STEPS, step_size=0.05, eot=1),
@@ -36,15 +36,15 @@ CASES = {
     ),
     "APGD-CE-Linf": (
         lambda: APGD(ThreatModel("Linf", 0.1), loss="ce", iterations=STEPS, eot=1),
-        lambda m: torchattacks.APGD(m, norm="Linf", eps=0.1, iterations=STEPS, loss="ce"),
+        lambda m: torchattacks.APGD(m, norm="Linf", eps=0.1, steps=STEPS, loss="ce"),
     ),
     "APGD-DLR-Linf": (
         lambda: APGD(ThreatModel("Linf", 0.1), loss="dlr", iterations=STEPS, eot=1),
-        lambda m: torchattacks.APGD(m, norm="Linf", eps=0.1, iterations=STEPS, loss="dlr"),
+        lambda m: torchattacks.APGD(m, norm="Linf", eps=0.1, steps=STEPS, loss="dlr"),
     ),
     "APGD-CE-L2": (
         lambda: APGD(ThreatModel("L2", 0.5), loss="ce", iterations=STEPS, eot=1),
-        lambda m: torchattacks.APGD(m, norm="L2", eps=0.5, iterations=STEPS, loss="ce"),
+        lambda m: torchattacks.APGD(m, norm="L2", eps=0.5, steps=STEPS, loss="ce"),
     ),
 }
 
