@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from ..core.policies import REWEIGHT
 from ..errors import UsageError
 
 log = logging.getLogger("ssni.study")
@@ -165,9 +166,9 @@ def code_fingerprint(kind: str) -> str:
 
 def code_commit() -> str:
     """The commit of the source checkout holding the package (``-dirty`` if modified)."""
-    from .build import repo_root
-
-    root = repo_root()
+    root = next(
+        (p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()), None
+    )
     if root is None:
         return "unknown"
     try:
@@ -600,8 +601,8 @@ def undefended_attack(kind: str, eps: float):
 
     threat = _threat(eps)
     if kind == "autoattack":
-        return attacks.autoattack_rand(threat, steps=BASE["iterations"], eot=1)
-    return attacks.PGD(threat, steps=BASE["iterations"], step_size=eps / 10, eot=1)
+        return attacks.autoattack_rand(threat, iterations=BASE["iterations"], eot=1)
+    return attacks.PGD(threat, iterations=BASE["iterations"], step_size=eps / 10, eot=1)
 
 
 def _run_undefended(stage: Stage, out: Path, accept_change: bool) -> None:
@@ -656,7 +657,7 @@ def autoattack_setup(cfg, defense):
 
     base = build.build_attack(cfg, defense)
     attack = attacks.autoattack_rand(
-        base.attack.threat, steps=cfg.iterations, eot=cfg.eot, gradient=base.attack.gradient
+        base.attack.threat, iterations=cfg.iterations, eot=cfg.eot, gradient=base.attack.gradient
     )
     desc = base.description.replace("PGD", "AutoAttack-rand(APGD-CE,APGD-DLR)")
     return build.AttackSetup(attack, base.target, desc)
@@ -683,7 +684,7 @@ def _validation(cfg):
 def _ssni(cfg, model, reweight: str):
     from ..core.policies import SSNI
 
-    return SSNI(model, t_star=cfg.t_star, reweight=reweight, levels=cfg.levels)
+    return SSNI(model, t_star=cfg.t_star, reweight=reweight, probe_levels=cfg.levels)
 
 
 def calibration_grid(t_star: float):
@@ -753,7 +754,7 @@ def _run_calib_table(stage: Stage, out: Path, accept_change: bool) -> None:
     }
 
     def work(xb, yb, g):
-        x_adv = setup.attack(setup.target, xb, yb, g[0])
+        x_adv = setup.attack(setup.target.gradient, xb, yb, g[0])
         with torch.no_grad():
             e_clean = probe.score_norm(xb, generator=g[1])
             e_adv = probe.score_norm(x_adv, generator=g[2])
@@ -792,7 +793,7 @@ def _run_calib_select(stage: Stage, out: Path, accept_change: bool) -> None:
     clean_tab = torch.tensor([r["clean"] for r in recs], dtype=torch.bool)
     adv_tab = torch.tensor([r["adv"] for r in recs], dtype=torch.bool)
     with accounted(out, stage.name, lambda: 0):
-        for name, reweight in (("ssni-n", "sigmoid"), ("ssni-l", "linear")):
+        for name, reweight in REWEIGHT.items():  # ssni-n, then ssni-l
             path = d / name / "policy.json"
             if path.is_file():
                 continue
@@ -848,7 +849,7 @@ def _run_adv_grid(stage: Stage, out: Path, accept_change: bool) -> None:
     }
 
     def work(xb, yb, g):
-        x_adv = setup.attack(setup.target, xb, yb, g[0])
+        x_adv = setup.attack(setup.target.gradient, xb, yb, g[0])
         table = correctness_grid(purifier, classifier, x_adv, yb, T_GRID,
                                  batch_size=ROW_BATCH, generator=g[1])
         with torch.no_grad():
