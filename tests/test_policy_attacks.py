@@ -31,12 +31,12 @@ def _g(seed):
 
 def _policy(score=None, reweight="sigmoid"):
     score = score or tiny_eps_model(1)
-    policy = ssni.SSNI(score, t_star=0.1, levels=4, reweight=reweight)
+    policy = ssni.SSNI(score, t_star=0.1, probe_levels=4, reweight=reweight)
     return policy.fit([gaussian_images(32, seed=5)], generator=_g(0))
 
 
 def _defense(policy, steps=3, seed=0):
-    purifier = ssni.DiffPure(policy.model, steps=steps)
+    purifier = ssni.DiffPure(policy.model, reverse_steps=steps)
     return ssni.Defense(TinyClassifier(seed=seed), purifier, policy)
 
 
@@ -119,7 +119,7 @@ def test_two_phase_beats_the_norm_of_plain_pgd_with_a_tight_target():
     x = gaussian_images(8, seed=9)
     y = TinyClassifier(seed=0)(x).argmax(1)
     threat = ThreatModel("Linf", 0.1)
-    pgd = PGD(threat, steps=4, step_size=0.03, eot=1)
+    pgd = PGD(threat, iterations=4, step_size=0.03, eot=1)
     two = TwoPhase(threat, policy, quantile=0.1, norm_steps=2, steps=4, step_size=0.03, eot=1)
     e_pgd = policy.score_norm(pgd(defense, x, y, _g(0)), generator=_g(1))
     e_two = policy.score_norm(two(defense, x, y, _g(0)), generator=_g(1))
@@ -148,7 +148,7 @@ def test_clean_level_transfer_attack_judges_on_the_real_defense():
     policy = _policy()
     defense = _defense(policy)
     source = at_levels(_defense(policy, steps=2), [0.03, 0.04])
-    attack = PGD(ThreatModel("Linf", 0.1), steps=2, step_size=0.05, gradient=Surrogate(source))
+    attack = PGD(ThreatModel("Linf", 0.1), iterations=2, step_size=0.05, gradient=Surrogate(source))
     x = gaussian_images(4, seed=1)
     y = torch.zeros(4, dtype=torch.long)
     x_adv = attack(defense, x, y, _g(0))
@@ -166,7 +166,7 @@ def test_level_gradient_check_passes_and_fails_loudly():
         def eps(self, x, t):
             return torch.zeros_like(x)
 
-    flat = ssni.SSNI(Flat(), t_star=0.1, levels=2, tau=1.0)
+    flat = ssni.SSNI(Flat(), t_star=0.1, probe_levels=2, tau=1.0)
     flat.set_statistics(torch.tensor([1.0, 2.0]))
     with pytest.raises(SanityError):
         level_gradient_check(flat, gaussian_images(2), _g(0))
@@ -179,7 +179,7 @@ def test_tracking_records_success_at_any_iteration_and_counts_calls():
     defense = _defense(policy)
     x = gaussian_images(5, seed=4)
     y = torch.arange(5)
-    attack = PGD(ThreatModel("Linf", 0.1), steps=3, step_size=0.05, eot=1).tracking()
+    attack = PGD(ThreatModel("Linf", 0.1), iterations=3, step_size=0.05, eot=1).tracking()
     assert attack.config()["track_queries"] is True
     assert "track_queries" not in PGD(ThreatModel("Linf", 0.1)).config()
     counted = Counted(attack, {"score": score.inner.net})
