@@ -118,7 +118,7 @@ def _row(name, records, n, control, worst_of):
     calls = [r.get("network_calls") for r in records if r.get("network_calls")]
     call_txt = "-"
     if calls:
-        call_txt = " / ".join(f"{np.mean([c[k] for c in calls]):.0f}" for k in calls[0])
+        call_txt = ", ".join(f"{k} {np.mean([c[k] for c in calls]):.0f}" for k in calls[0])
     any_it = protocol_accuracy(records, "any-iteration")
     any_txt = _pct(any_it)
     if any_it is not None and control is not None:
@@ -165,7 +165,7 @@ def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
                 f"robust worst-of-{worst_n} (%) | robust any-iteration (%) | mean t(x_adv) "
                 "[steps] | x_adv with e <= clean p90 (%) | mean e(x_adv) | "
                 "e of fooling points: min / median (count) | "
-                "network calls / image (score net / classifier) |"
+                "network calls / image of the attack |"
             )
             print("|---|---|---|---|---|---|---|---|---|---|---|")
             for name, recs in members.items():
