@@ -152,6 +152,14 @@ def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
                     members[name] = recs
             if not members:
                 continue
+            # compare on the (seed, image) pairs that every attack has finished
+            common = set.intersection(
+                *[{(r["seed"], r["index"]) for r in recs} for recs in members.values()]
+            )
+            members = {k: [r for r in v if (r["seed"], r["index"]) in common]
+                       for k, v in members.items()}
+            if not common:
+                continue
             worst_n = _worst_n(
                 _log_dir(out, preset, eps, next(iter(members)), seeds[0]), worst_n
             )
@@ -171,13 +179,8 @@ def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
             for name, recs in members.items():
                 control = _control_accuracy(out, preset, recs)
                 print(_row(name, recs, None, control, worst_n))
-            # worst case on the (seed, sample) pairs every member has
-            common = set.intersection(
-                *[{(r["seed"], r["index"]) for r in recs} for recs in members.values()]
-            )
-            if len(members) > 1 and common:
-                subset = {k: [r for r in v if (r["seed"], r["index"]) in common]
-                          for k, v in members.items()}
+            if len(members) > 1:
+                subset = members
                 for label, names in (
                     ("worst case, all attacks", list(subset)),
                     ("worst case, policy-aware only", [k for k in subset if k in POLICY_AWARE]),
