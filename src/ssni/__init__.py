@@ -22,7 +22,13 @@ from .core.learned import LearnedPolicy
 from .core.policies import SSNI, Constant, NoiseLevelPolicy, eps_score_norm
 from .core.purifiers import DiffPure, Purification, Purifier, StraightThrough
 from .core.sampling import ddim_step, euler_maruyama_step, reverse
-from .core.score import EpsilonNetwork, GaussianScore, ScoreModel
+from .core.score import (
+    EpsilonNetwork,
+    GaussianScore,
+    NetworkCalls,
+    ScoreModel,
+    count_network_calls,
+)
 from .eval.protocol import Report, evaluate
 from .io.adapters import DiffusersUNet, ResizedPurifier
 from .io.checkpoints import CheckpointError
@@ -36,6 +42,8 @@ __all__ = [
     "ScoreModel",
     "EpsilonNetwork",
     "GaussianScore",
+    "NetworkCalls",
+    "count_network_calls",
     "reverse",
     "ddim_step",
     "euler_maruyama_step",

@@ -8,7 +8,8 @@ returns a :class:`GradientEstimate`: the input gradient ``(B, C, H, W)`` of the 
 :class:`ssni.Defense` does), so that stochastic passes are reproducible.
 
 * :class:`EOT` -- expectation over transformation (Athalye et al. 2018): the mean gradient over
-  ``n`` stochastic passes, one backward per pass, so memory holds one graph at a time.
+  ``n`` stochastic passes, run as one batch of ``n x B`` images (split to a memory limit), with
+  the noise levels ``t(x)`` computed once per estimate and shared by the passes.
 * BPDA -- :func:`bpda` builds the defense with :class:`ssni.StraightThrough`, whose backward is the
   identity: the gradient is the classifier's gradient at the purified point.
 * :class:`Surrogate` -- gradients of a cheaper copy of the defense (e.g. fewer reverse steps),
@@ -87,69 +88,168 @@ class GradientEstimator:
         raise NotImplementedError
 
 
-def _one_pass(model, loss, x, y, generator):
+def _shared_levels(model, x: Tensor, generator) -> Optional[Tensor]:
+    """``t(x)`` ``(B,)`` computed once without gradients, for a model with a ``policy`` and a
+    ``levels`` method (a :class:`ssni.Defense`) whose policy is not differentiable; else None
+    (a relaxed policy keeps its per-pass probe, so ``t`` carries gradients in every pass)."""
+    policy = getattr(model, "policy", None)
+    levels = getattr(model, "levels", None)
+    if policy is None or levels is None or getattr(policy, "differentiable", False):
+        return None
+    with torch.no_grad():
+        return levels(x, generator=generator)
+
+
+def _forward_at(model, x: Tensor, generator, t: Optional[Tensor]) -> Tensor:
+    if t is None:
+        return forward(model, x, generator)
+    return model(x, generator=generator, t=t)
+
+
+def _passes_grad(model, loss, x, y, generator, t, copies: int):
+    """``copies`` passes as one batch of ``copies * B`` images (pass-major rows): the summed
+    input gradient ``(B, C, H, W)``, per-sample loss sums ``(B,)`` and logit sums ``(B, K)``."""
+    b = x.shape[0]
     xi = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = forward(model, xi, generator)
-        values = loss(logits, y, xi, generator)
+        xr = xi if copies == 1 else xi.repeat(copies, *([1] * (x.dim() - 1)))
+        yr = y if copies == 1 else y.repeat(copies)
+        tr = t if (t is None or copies == 1) else t.repeat(copies)
+        logits = _forward_at(model, xr, generator, tr)
+        values = loss(logits, yr, xr, generator)
         if values.requires_grad:
             (g,) = torch.autograd.grad(values.sum(), xi, allow_unused=True)
         else:
             g = None
     if g is None:
         g = torch.zeros_like(xi)
-    return g, values.detach(), logits.detach()
+    values = values.detach().reshape(copies, b).sum(0)
+    logits = logits.detach().reshape(copies, b, -1).sum(0)
+    return g, values, logits
 
 
 class EOT(GradientEstimator):
     """Expectation over transformation: mean over ``n`` passes of the input gradient (and of
-    the per-sample loss and logits). ``n = 1`` is the plain gradient of one pass."""
+    the per-sample loss and logits). ``n = 1`` is the plain gradient of one pass.
 
-    def __init__(self, n: int = 20) -> None:
+    Args:
+        n: stochastic passes per estimate.
+        batched: run the passes as one batch of ``n x B`` images (pass-major rows), split into
+            calls of at most ``max_batch`` images; ``False`` runs them one after the other (one
+            graph at a time). The estimate is the same in expectation; with the same random
+            stream it is the same number (a call holding one pass draws exactly what a
+            sequential pass draws).
+        max_batch: largest number of images per batched call (the memory limit; at least one
+            pass of ``B`` images per call); None: all ``n x B`` at once.
+        share_levels: compute the noise levels ``t(x)`` (the SSNI EPS probe) once per estimate
+            and share them across the passes, as the SSNI reference does; ``False`` re-runs the
+            policy in every pass. Applies to models with a ``levels`` method whose policy is not
+            differentiable (a :class:`ssni.Defense`).
+    """
+
+    def __init__(
+        self,
+        n: int = 20,
+        *,
+        batched: bool = True,
+        max_batch: Optional[int] = None,
+        share_levels: bool = True,
+    ) -> None:
         if n < 1:
             raise ValueError(f"EOT needs n >= 1, got {n}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
         self.n = int(n)
         self.passes = self.n
+        self.batched = bool(batched)
+        self.max_batch = None if max_batch is None else int(max_batch)
+        self.share_levels = bool(share_levels)
 
     def __repr__(self) -> str:
-        return f"EOT(n={self.n})"
+        return (
+            f"EOT(n={self.n}, batched={self.batched}, max_batch={self.max_batch}, "
+            f"share_levels={self.share_levels})"
+        )
 
     def config(self) -> dict:
-        return {"estimator": "EOT", "n": self.n}
+        return {
+            "estimator": "EOT",
+            "n": self.n,
+            "batched": self.batched,
+            "max_batch": self.max_batch,
+            "share_levels": self.share_levels,
+        }
 
-    def __call__(self, model, loss, x, y, generator=None, need_loss=True) -> GradientEstimate:
+    def passes_per_call(self, batch: int) -> int:
+        """Passes run together in one call for a batch of ``batch`` images."""
+        if not self.batched:
+            return 1
+        if self.max_batch is None:
+            return self.n
+        return max(1, min(self.n, self.max_batch // max(batch, 1)))
+
+    def __call__(
+        self, model, loss, x, y, generator=None, need_loss=True, levels: Optional[Tensor] = None
+    ) -> GradientEstimate:
+        """``levels``: precomputed ``t(x)`` ``(B,)`` to use in every pass (skips the policy)."""
+        t = levels
+        if t is None and self.share_levels:
+            t = _shared_levels(model, x, generator)
+        per_call = self.passes_per_call(x.shape[0])
         grad = loss_sum = logit_sum = None
-        for _ in range(self.n):
-            g, v, z = _one_pass(model, loss, x, y, generator)
+        done = 0
+        while done < self.n:
+            copies = min(per_call, self.n - done)
+            g, v, z = _passes_grad(model, loss, x, y, generator, t, copies)
             if grad is None:
                 grad, loss_sum, logit_sum = g, v, z
             else:
                 grad, loss_sum, logit_sum = grad + g, loss_sum + v, logit_sum + z
+            done += copies
         return GradientEstimate(grad / self.n, loss_sum / self.n, logit_sum / self.n)
 
 
 class Surrogate(GradientEstimator):
     """Gradients from ``model`` (a cheaper copy of the defense, EOT over ``n`` passes); the loss
     and logits that the attack tracks come from one no-grad pass of the model the attack was
-    called with, so success is judged on the real defense (only when ``need_loss``)."""
+    called with, so success is judged on the real defense (only when ``need_loss``).
 
-    def __init__(self, model: nn.Module, n: int = 1) -> None:
+    ``batched``, ``max_batch`` and ``share_levels`` are those of :class:`EOT`; with
+    ``share_levels`` the levels ``t(x)`` are computed once per estimate from the surrogate's
+    policy and also used by the real defense's loss pass when both share that policy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n: int = 1,
+        *,
+        batched: bool = True,
+        max_batch: Optional[int] = None,
+        share_levels: bool = True,
+    ) -> None:
         self.model = model
-        self.eot = EOT(n)
+        self.eot = EOT(n, batched=batched, max_batch=max_batch, share_levels=share_levels)
         self.passes = self.eot.n
 
     def __repr__(self) -> str:
-        return f"Surrogate(n={self.eot.n}, model={self.model.__class__.__name__})"
+        return f"Surrogate({self.eot!r}, model={self.model.__class__.__name__})"
 
     def config(self) -> dict:
-        return {"estimator": "Surrogate", "n": self.eot.n, "model": repr(self.model)}
+        cfg = self.eot.config()
+        cfg.update(estimator="Surrogate", model=repr(self.model))
+        return cfg
 
     def __call__(self, model, loss, x, y, generator=None, need_loss=True) -> GradientEstimate:
-        est = self.eot(self.model, loss, x, y, generator, need_loss=False)
+        t = _shared_levels(self.model, x, generator) if self.eot.share_levels else None
+        est = self.eot(self.model, loss, x, y, generator, need_loss=False, levels=t)
         if not need_loss:
             return GradientEstimate(est.grad, None, None)
+        same_policy = t is not None and getattr(model, "policy", None) is getattr(
+            self.model, "policy", None
+        )
         with torch.no_grad():
-            logits = forward(model, x, generator)
+            logits = _forward_at(model, x, generator, t if same_policy else None)
             values = loss(logits, y, x, generator)
         return GradientEstimate(est.grad, values, logits)
 

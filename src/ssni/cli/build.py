@@ -341,18 +341,23 @@ def build_attack(
     threat = attacks.ThreatModel("Linf" if cfg.norm == "linf" else "L2", cfg.eps)
     gradient_model: nn.Module = defense
     adaptive = cfg.adaptive_t and isinstance(defense.policy, (SSNI, LearnedPolicy))
+    eot_opts = dict(
+        batched=cfg.eot_batched,
+        max_batch=cfg.eot_max_batch or None,
+        share_levels=cfg.eot_share_t,
+    )
     if cfg.gradient == "full":
         gradient_model = defense.checkpointed()
-        estimator = attacks.EOT(n_eot)
+        estimator = attacks.EOT(n_eot, **eot_opts)
     elif cfg.gradient == "bpda":
         gradient_model = defense.straight_through()
-        estimator = attacks.EOT(n_eot)
+        estimator = attacks.EOT(n_eot, **eot_opts)
     else:
         model = defense.purifier.model
         surrogate = defense.variant(purifier=build_purifier(cfg, model, surrogate=True))
         if adaptive:
             surrogate = surrogate.relaxed()
-        estimator = attacks.Surrogate(surrogate, n=n_eot)
+        estimator = attacks.Surrogate(surrogate, n=n_eot, **eot_opts)
     if adaptive and cfg.gradient != "surrogate":
         gradient_model = gradient_model.relaxed()
     if cfg.attack in ("constrained", "clean-levels") and not isinstance(defense.policy, SSNI):

@@ -124,6 +124,9 @@ class RunConfig:
     norm_quantile: float = 0.9  # constrained: keep e(x) below this clean quantile
     norm_steps: int = 2  # constrained: phase-1 steps lowering e(x) before the attack
     level_n: int = 64  # clean-levels: held-out images whose levels t(x) are sampled
+    eot_batched: bool = True  # the EOT passes of one gradient estimate as one batch ...
+    eot_max_batch: int = 256  # ... of at most this many images per call (0: no limit)
+    eot_share_t: bool = True  # t(x) once per gradient estimate, shared by its EOT passes
     # -- evaluation
     votes: int = 1
     seeds: List[int] = field(default_factory=lambda: [121, 122, 123])
@@ -397,6 +400,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.attack in ("constrained", "clean-levels"):
         _require(cfg.policy != "constant" or bool(cfg.policy_file), "attack",
                  f"{cfg.attack} attacks an SSNI policy; the policy is constant")
+    _require(cfg.eot_max_batch >= 0, "eot_max_batch", f"must be >= 0, got {cfg.eot_max_batch}")
     _require(cfg.votes >= 1, "votes", f"must be >= 1, got {cfg.votes}")
     _require(len(cfg.seeds) >= 1, "seeds", "needs at least one seed")
     _require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"repeated seed in {cfg.seeds}")

@@ -38,6 +38,9 @@ class Defense(nn.Module):
     The classifier takes images in [0, 1] (fold any normalisation into it).
     ``forward`` is differentiable w.r.t. ``x`` (through the purifier; through ``t`` only if the
     policy is differentiable). Each call draws fresh noise unless a ``generator`` is given.
+    ``run``, ``purify`` and ``forward`` take optional levels ``t`` ``(B,)``: the policy is then
+    skipped (an attack computes ``t(x)`` once per gradient estimate and shares it across its EOT
+    passes, as the SSNI reference does).
     """
 
     def __init__(self, classifier: nn.Module, purifier: Purifier, policy: NoiseLevelPolicy) -> None:
@@ -87,21 +90,48 @@ class Defense(nn.Module):
             raise ValueError(f"{type(self.policy).__name__} has no differentiable relaxation")
         return self.variant(policy=variant(self.policy, differentiable=True))
 
-    def run(self, x: Tensor, generator: Optional[torch.Generator] = None) -> DefenseOutput:
-        """Every intermediate of one stochastic pass."""
+    def levels(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """The policy's levels ``(B,)`` for images ``x`` in [0, 1]."""
         self._check(x)
-        t = self.policy(x, generator=generator)
+        return self.policy(x, generator=generator)
+
+    def _levels(self, x: Tensor, generator, t: Optional[Tensor]) -> Tensor:
+        if t is None:
+            return self.policy(x, generator=generator)
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        return t
+
+    def run(
+        self,
+        x: Tensor,
+        generator: Optional[torch.Generator] = None,
+        t: Optional[Tensor] = None,
+    ) -> DefenseOutput:
+        """Every intermediate of one stochastic pass (levels ``t`` from the policy if None)."""
+        self._check(x)
+        t = self._levels(x, generator, t)
         pure = self.purifier.run(x, t, generator=generator)
         return DefenseOutput(self.classifier(pure.x), t, pure.x, pure.nfe)
 
-    def purify(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Purified images ``(B, C, H, W)`` in [0, 1]."""
+    def purify(
+        self,
+        x: Tensor,
+        generator: Optional[torch.Generator] = None,
+        t: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Purified images ``(B, C, H, W)`` in [0, 1] (levels ``t`` from the policy if None)."""
         self._check(x)
-        return self.purifier(x, self.policy(x, generator=generator), generator=generator)
+        return self.purifier(x, self._levels(x, generator, t), generator=generator)
 
-    def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Logits ``(B, classes)`` of one stochastic pass."""
-        return self.classifier(self.purify(x, generator=generator))
+    def forward(
+        self,
+        x: Tensor,
+        generator: Optional[torch.Generator] = None,
+        t: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Logits ``(B, classes)`` of one stochastic pass (levels ``t`` from the policy if None)."""
+        return self.classifier(self.purify(x, generator=generator, t=t))
 
     @torch.no_grad()
     def predict(

@@ -67,7 +67,8 @@ class LearnedPolicy(NoiseLevelPolicy):
         hidden: width of the MLP on the non-``e`` features (0: a linear map).
         differentiable: keep the graph through the probe and the network and round
             straight-through, so that ``t`` has a gradient w.r.t. ``x`` (adaptive attacks).
-        chunk_size: largest batch per network call of the probe (None: one call).
+        chunk_size: largest batch per network call of the probe (None: chosen from the batch
+            size, see :func:`ssni.core.policies.eps_probe`; 0: one call).
     """
 
     def __init__(

@@ -8,14 +8,15 @@ New checkpoint families are new adapters (subclasses of :class:`ScoreModel`), ne
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import contextlib
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .diffusion import VPSchedule, expand_like, safe_sqrt
 
-__all__ = ["ScoreModel", "EpsilonNetwork", "GaussianScore"]
+__all__ = ["ScoreModel", "EpsilonNetwork", "GaussianScore", "NetworkCalls", "count_network_calls"]
 
 
 class ScoreModel(nn.Module):
@@ -108,3 +109,58 @@ class GaussianScore(ScoreModel):
         mean = self.mean.to(x.dtype)
         var = self.std.to(x.dtype) ** 2
         return safe_sqrt(1.0 - a) * (x - a.sqrt() * mean) / (a * var + 1.0 - a)
+
+
+class NetworkCalls:
+    """Counts of score-network calls: ``calls`` (invocations of ``eps``) and ``images`` (images
+    evaluated, the sum of the batch sizes; recomputations of checkpointed calls included)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.images = 0
+
+    def __repr__(self) -> str:
+        return f"NetworkCalls(calls={self.calls}, images={self.images})"
+
+
+def _score_models(objects) -> list:
+    found = []
+    for obj in objects:
+        if isinstance(obj, nn.Module):
+            found += [m for m in obj.modules() if isinstance(m, ScoreModel)]
+    unique = []
+    for m in found:
+        if all(m is not u for u in unique):
+            unique.append(m)
+    return unique
+
+
+@contextlib.contextmanager
+def count_network_calls(*objects) -> Iterator[NetworkCalls]:
+    """Count the ``eps`` calls of every :class:`ScoreModel` inside the given modules while the
+    block runs (non-module arguments are ignored)::
+
+        with count_network_calls(defense) as calls:
+            defense(x)
+        calls.images / x.shape[0]   # network evaluations per image
+    """
+    counter = NetworkCalls()
+    models = _score_models(objects)
+    saved = [m.__dict__.get("eps") for m in models]
+    for m in models:
+        inner = m.eps
+
+        def counted(x, t, _inner=inner):
+            counter.calls += 1
+            counter.images += int(x.shape[0])
+            return _inner(x, t)
+
+        m.eps = counted
+    try:
+        yield counter
+    finally:
+        for m, own in zip(models, saved):
+            if own is None:
+                del m.eps
+            else:
+                m.eps = own

@@ -38,6 +38,7 @@ from ..attacks.base import Attack
 from ..attacks.gradients import forward
 from ..attacks.target import AttackTarget
 from ..core.defense import majority_vote
+from ..core.score import count_network_calls
 from ..core.validation import check_images
 from .checks import is_stochastic, undefended_check
 from .distributed import agree, broadcast, gather, rank_of, share, world_of
@@ -121,6 +122,16 @@ def _probe(defense, x: Tensor, generator):
         return policy(x, generator=generator), None
 
 
+def _attack_models(attack) -> List[nn.Module]:
+    """Modules an attack holds itself (a surrogate estimator's model), for call counting."""
+    found = []
+    for a in getattr(attack, "attacks", None) or [attack]:
+        model = getattr(getattr(a, "gradient", None), "model", None)
+        if isinstance(model, nn.Module):
+            found.append(model)
+    return found
+
+
 def _attack_chunk(
     defense, grad_model, attack: Attack, x, y, idx, seed, passes, votes, worst_of, classes
 ) -> List[dict]:
@@ -130,7 +141,8 @@ def _attack_chunk(
     )
     clean = _passes(defense, x, passes, gen_clean)
     t_clean, e_clean = _probe(defense, x, gen_clean)
-    x_adv = attack(grad_model, x, y, gen_attack)
+    with count_network_calls(grad_model, defense, *_attack_models(attack)) as calls:
+        x_adv = attack(grad_model, x, y, gen_attack)
     stats = attack.last_stats or {}
     outside = ~attack.threat.contains(x_adv, x)
     if bool(outside.any()):
@@ -156,6 +168,7 @@ def _attack_chunk(
         extra["queries"] = [int(stats["queries"])] * x.shape[0]
     if "network_calls" in stats:
         extra["network_calls"] = [dict(stats["network_calls"])] * x.shape[0]
+    attack_evals = calls.images / x.shape[0]
     out = []
     for j in range(x.shape[0]):
         rec = {
@@ -172,6 +185,7 @@ def _attack_chunk(
             "perturbation": float(dist[j]),
             "outside_threat": bool(outside[j]),
             "grad_iterations": n_iter,
+            "attack_network_evals": attack_evals,
             "zero_grad": int(stats["zero_grad"][j]) if "zero_grad" in stats else 0,
             "nonfinite_grad": int(stats["nonfinite_grad"][j]) if "nonfinite_grad" in stats else 0,
         }

@@ -23,8 +23,12 @@ class Report:
     Accuracies are fractions in [0, 1], mean and sample std over seeds. ``records`` holds one
     dict per (seed, sample) with keys ``seed, index, label, clean_pred, adv_pred, clean_passes,
     adv_passes, clean_correct, robust, robust_worst, t_clean, t_adv, score_norm_clean,
-    score_norm_adv, perturbation, grad_iterations, zero_grad, nonfinite_grad, outside_threat``
-    (``t_*`` / ``score_norm_*`` are None when the policy has no such quantity).
+    score_norm_adv, perturbation, grad_iterations, attack_network_evals, zero_grad,
+    nonfinite_grad, outside_threat`` (``t_*`` / ``score_norm_*`` are None when the policy has no
+    such quantity; ``attack_network_evals`` is the score-network evaluations per image that the
+    attack spent, averaged over its chunk, probes and checkpoint recomputations included).
+    ``network_evals_per_iteration`` is their mean per gradient estimate (None for logs written
+    before it was recorded).
     """
 
     clean_accuracy: float
@@ -42,6 +46,7 @@ class Report:
     warnings: List[str]
     undefended: Optional[Dict[str, Any]]
     config: Dict[str, Any]
+    network_evals_per_iteration: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +92,12 @@ class Report:
             f"robust accuracy: {pct * self.robust_accuracy_worst:.2f} +- "
             f"{pct * self.robust_accuracy_worst_std:.2f} % (worst of {self.worst_of})",
         ]
+        if self.network_evals_per_iteration is not None:
+            lines.append(
+                "attack cost: "
+                f"{self.network_evals_per_iteration:.1f} network evaluations per image per "
+                "iteration"
+            )
         if self.undefended is not None:
             lines.append(
                 "undefended classifier under the same attack: "
@@ -158,6 +169,11 @@ def build_report(records, seeds, n, votes, worst_of, config, attack, undefended,
     clean = [p["clean_accuracy"] for p in per_seed]
     rob = [p["robust_accuracy"] for p in per_seed]
     worst = [p["robust_accuracy_worst"] for p in per_seed]
+    per_iter = [
+        r["attack_network_evals"] / r["grad_iterations"]
+        for r in records
+        if r.get("attack_network_evals") is not None and r.get("grad_iterations")
+    ]
     return Report(
         clean_accuracy=float(np.mean(clean)),
         clean_accuracy_std=_std(clean),
@@ -174,4 +190,5 @@ def build_report(records, seeds, n, votes, worst_of, config, attack, undefended,
         warnings=warnings,
         undefended=undefended,
         config=config,
+        network_evals_per_iteration=float(np.mean(per_iter)) if per_iter else None,
     )
