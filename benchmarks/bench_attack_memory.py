@@ -11,10 +11,13 @@ in the number of steps; plain autograd is shown for contrast.
 The resident set measures what the C allocator holds, not what tensors hold. With glibc's default
 dynamic mmap threshold, freed activation buffers are recycled inside the heap and stay resident
 behind small long-lived tensors (the few per-step tensors the reverse process keeps for backward),
-so the high-water mark grows with the number of steps although live memory does not. Children
-therefore run with ``MALLOC_MMAP_THRESHOLD_=65536`` (large buffers are mapped and unmapped on
-free, so the resident set follows live memory); the checkpointed setting is also shown with the
-default allocator for comparison.
+so the high-water mark grows with the number of steps although live memory does not. The CLI
+therefore fixes the mmap threshold for its own process when it runs a full-gradient attack
+(``ssni.cli.allocator.map_large_buffers``, what ``MALLOC_MMAP_THRESHOLD_=65536`` does: large
+buffers are mapped and unmapped on free, so the resident set follows live memory). Rows: the
+checkpointed attack started with glibc's default allocator settings and the CLI's in-process
+setting (what ``ssni evaluate`` does), with the environment variable, and with the default
+allocator left alone (for contrast); plain autograd for contrast.
 
 Usage: ``python benchmarks/bench_attack_memory.py [--batch 8] [--steps 10 100] [--no-plain]
 [--no-default-malloc]``
@@ -41,8 +44,14 @@ def _peak_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def run_setting(steps: int, checkpoint: bool, batch: int) -> dict:
+def run_setting(steps: int, checkpoint: bool, batch: int, cli_allocator: bool = False) -> dict:
     import torch
+
+    if cli_allocator:
+        from ssni.cli.allocator import map_large_buffers
+
+        if not map_large_buffers():
+            raise RuntimeError("could not set the mmap threshold in-process")
 
     import ssni
     from ssni.attacks import PGD, ThreatModel
@@ -76,11 +85,14 @@ def run_setting(steps: int, checkpoint: bool, batch: int) -> dict:
     }
 
 
-def _spawn(steps: int, checkpoint: bool, batch: int, fixed_mmap: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(steps), str(int(checkpoint)), str(batch)]
+def _spawn(steps: int, checkpoint: bool, batch: int, alloc: str) -> dict:
+    cmd = [
+        sys.executable, __file__, "--child", str(steps), str(int(checkpoint)), str(batch),
+        str(int(alloc == "cli")),
+    ]
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if fixed_mmap:
+    if alloc == "env":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -89,7 +101,7 @@ def _spawn(steps: int, checkpoint: bool, batch: int, fixed_mmap: bool) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         steps, ckpt, batch = int(sys.argv[2]), bool(int(sys.argv[3])), int(sys.argv[4])
-        print(json.dumps(run_setting(steps, ckpt, batch)))
+        print(json.dumps(run_setting(steps, ckpt, batch, bool(int(sys.argv[5])))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -99,16 +111,20 @@ def main() -> None:
         "--no-default-malloc", action="store_true", help="skip the default-allocator run"
     )
     args = parser.parse_args()
-    modes = [(True, True)]
+    modes = [(True, "cli"), (True, "env")]
     if not args.no_default_malloc:
-        modes.append((True, False))
+        modes.append((True, "default"))
     if not args.no_plain:
-        modes.append((False, True))
-    for ckpt, fixed in modes:
-        rows = [_spawn(s, ckpt, args.batch, fixed) for s in args.steps]
+        modes.append((False, "env"))
+    names = {
+        "cli": "default glibc allocator + the CLI's in-process setting (ssni evaluate)",
+        "env": "MALLOC_MMAP_THRESHOLD_=65536",
+        "default": "default glibc allocator, left alone",
+    }
+    for ckpt, alloc in modes:
+        rows = [_spawn(s, ckpt, args.batch, alloc) for s in args.steps]
         label = "full gradient, checkpointed" if ckpt else "plain autograd (no checkpoint)"
-        alloc = "MALLOC_MMAP_THRESHOLD_=65536" if fixed else "default glibc allocator"
-        print(f"{label}, batch {args.batch}, {alloc}:")
+        print(f"{label}, batch {args.batch}, {names[alloc]}:")
         for r in rows:
             print(
                 f"  {r['steps']:4d} reverse steps: peak RSS {r['peak_rss_mib']:8.1f} MiB, "

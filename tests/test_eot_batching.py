@@ -172,3 +172,46 @@ def test_report_counts_network_evaluations_per_iteration():
     assert report.network_evals_per_iteration == pytest.approx(6.0)
     assert all(r["attack_network_evals"] == pytest.approx(12.0) for r in report.records)
     assert "6.0 network evaluations per image per iteration" in report.summary()
+
+
+def test_accelerate_switch_leaves_cpu_output_unchanged():
+    plain = tiny_eps_model(3)
+    fast = tiny_eps_model(3)
+    fast.accelerate = True
+    x = gaussian_images(4, seed=9) * 2 - 1
+    t = torch.tensor([0.01, 0.1, 0.3, 0.9])
+    assert torch.equal(fast.eps(x, t), plain.eps(x, t))
+    img = gaussian_images(4, seed=9)
+    purify = [
+        ssni.DiffPure(m, steps=4)(img, torch.full((4,), 0.2), generator=_g(2))
+        for m in (plain, fast)
+    ]
+    assert torch.equal(purify[0], purify[1])
+    assert fast._compiled is None  # nothing compiled on CPU
+    assert set(fast.state_dict()) == set(plain.state_dict())
+
+
+def test_cli_allocator_setting_applies_in_process():
+    import subprocess
+    import sys
+
+    code = "from ssni.cli.allocator import map_large_buffers as m; print(m())"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    expected = "True" if sys.platform.startswith("linux") else "False"
+    assert out.stdout.strip() == expected, out.stderr
+
+
+def test_cli_config_sets_the_eot_options():
+    from ssni.cli import build
+    from ssni.cli.config import RunConfig
+
+    score = tiny_eps_model(0)
+    d = _defense(policy=ssni.Constant(0.1))
+    d.purifier.model = score
+    cfg = RunConfig(dataset="digits", gradient="bpda", eot=4)
+    est = build.build_attack(cfg, d).attack.gradient
+    assert (est.batched, est.max_batch, est.share_levels) == (True, 64, True)
+    cfg = cfg.replace(eot_batched=False, eot_max_batch=0, eot_share_t=False, gradient="surrogate")
+    est = build.build_attack(cfg, d).attack.gradient
+    assert (est.eot.batched, est.eot.max_batch, est.eot.share_levels) == (False, None, False)

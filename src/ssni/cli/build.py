@@ -160,6 +160,8 @@ def build_score_model(cfg: RunConfig) -> ScoreModel:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if hasattr(model, "accelerate"):
+        model.accelerate = cfg.accelerate  # ignored on CPU
     return model.to(cfg.device)
 
 
@@ -347,6 +349,9 @@ def build_attack(
         share_levels=cfg.eot_share_t,
     )
     if cfg.gradient == "full":
+        from .allocator import map_large_buffers
+
+        map_large_buffers()  # resident memory flat in the reverse steps (see allocator.py)
         gradient_model = defense.checkpointed()
         estimator = attacks.EOT(n_eot, **eot_opts)
     elif cfg.gradient == "bpda":

@@ -125,7 +125,7 @@ class RunConfig:
     norm_steps: int = 2  # constrained: phase-1 steps lowering e(x) before the attack
     level_n: int = 64  # clean-levels: held-out images whose levels t(x) are sampled
     eot_batched: bool = True  # the EOT passes of one gradient estimate as one batch ...
-    eot_max_batch: int = 256  # ... of at most this many images per call (0: no limit)
+    eot_max_batch: int = 64  # ... of at most this many images per call (0: no limit)
     eot_share_t: bool = True  # t(x) once per gradient estimate, shared by its EOT passes
     # -- evaluation
     votes: int = 1
@@ -133,6 +133,7 @@ class RunConfig:
     batch_size: int = 64
     device: str = "cpu"
     resume: str = "auto"  # repair: drop a damaged log line and what follows it, then resume
+    accelerate: bool = False  # CUDA only: bf16 autocast, channels_last, compiled score network
     # -- calibration (ssni calibrate)
     calib_n: int = 256
     calib_taus: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
