@@ -34,7 +34,7 @@ def cmd_demo(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    overrides = [f"n={args.n}", f"seeds=[{args.seed}]", f"batch_size={min(args.n, 16)}"]
+    overrides = [f"n={args.n}", f"seeds=[{args.seed}]", f"batch_size={min(args.n, 64)}"]
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
     overrides += list(args.overrides)
@@ -112,7 +112,7 @@ def register(subparsers) -> None:
         description=cmd_demo.__doc__,
     )
     p.add_argument("--data-dir", default="", help="Fashion-MNIST idx files (default: Debian's)")
-    p.add_argument("--n", type=int, default=64, help="test images (seeded subset)")
+    p.add_argument("--n", type=int, default=256, help="test images (seeded subset)")
     p.add_argument("--seed", type=int, default=121, help="attack/purification seed")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument(
