@@ -19,12 +19,15 @@ def _fitted(reweight="sigmoid", **kw):
     return policy
 
 
-def test_eps_probe_batches_all_levels_in_one_call():
+def test_eps_probe_calls_whole_levels_of_at_least_64_images_or_one_call():
     from _models import CountingScore
 
     counting = CountingScore(MODEL)
-    e = ssni.eps_score_norm(counting, gaussian_images(5), probe_levels=20)
+    e = ssni.eps_score_norm(counting, gaussian_images(5), probe_levels=20, chunk_size=0)
     assert e.shape == (5,) and counting.calls == 1 and counting.rows == 100
+    auto = CountingScore(MODEL)
+    ssni.eps_score_norm(auto, gaussian_images(5), probe_levels=20)
+    assert auto.calls == 2 and auto.rows == 100  # 13 levels of 5 images, then 7
     chunked = CountingScore(MODEL)
     ssni.eps_score_norm(chunked, gaussian_images(5), probe_levels=20, chunk_size=30)
     assert chunked.calls == 4 and chunked.rows == 100
