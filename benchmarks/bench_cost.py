@@ -82,7 +82,7 @@ class ReferenceScheme(nn.Module):
 def _policies(model, t_star, levels, stats, generator_seed=0):
     out = {}
     for name, reweight in (("SSNI-N", "sigmoid"), ("SSNI-L", "linear")):
-        p = ssni.SSNI(model, t_star=t_star, reweight=reweight, levels=levels)
+        p = ssni.SSNI(model, t_star=t_star, reweight=reweight, probe_levels=levels)
         p.fit([stats[i : i + 64] for i in range(0, stats.shape[0], 64)],
               generator=torch.Generator().manual_seed(generator_seed))
         out[name] = p
@@ -180,10 +180,11 @@ def measure_attack(args, cache: Path) -> None:
             if hasattr(policy, "chunk_size"):
                 policy.chunk_size = 0 if path == "old" else None  # old: one probe call
             real = ssni.Defense(classifier, ssni.DiffPure(model), policy)
-            cheap = ssni.Defense(classifier, ssni.DiffPure(model, steps=args.surrogate_steps),
-                                 policy)
+            cheap = ssni.Defense(
+                classifier, ssni.DiffPure(model, reverse_steps=args.surrogate_steps), policy
+            )
             est = Surrogate(cheap, n=args.eot, **_attack_estimators(args.max_batch)[path])
-            attack = PGD(ThreatModel("Linf", 0.1), steps=1, step_size=0.03, gradient=est)
+            attack = PGD(ThreatModel("Linf", 0.1), iterations=1, step_size=0.03, gradient=est)
             gen = torch.Generator().manual_seed(7 + rep)
             with ssni.count_network_calls(cheap, real) as calls:
                 start = time.perf_counter()

@@ -30,12 +30,14 @@ class NoisyModel(nn.Module):
 
 def _defense(steps=3, policy=None, seed=0):
     score = tiny_eps_model(seed)
-    purifier = ssni.DiffPure(score, steps=steps)
+    purifier = ssni.DiffPure(score, reverse_steps=steps)
     return ssni.Defense(TinyClassifier(seed=seed), purifier, policy or ssni.Constant(0.1))
 
 
 def _ssni(levels=4, differentiable=False):
-    policy = ssni.SSNI(tiny_eps_model(1), t_star=0.1, levels=levels, differentiable=differentiable)
+    policy = ssni.SSNI(
+        tiny_eps_model(1), t_star=0.1, probe_levels=levels, differentiable=differentiable
+    )
     return policy.fit([gaussian_images(32, seed=5)], generator=_g(0))
 
 
@@ -85,7 +87,7 @@ class RecordingPurifier(ssni.DiffPure):
 
 def test_shared_levels_probe_once_per_estimate_and_every_pass_uses_them():
     policy = _ssni(levels=4)
-    purifier = RecordingPurifier(tiny_eps_model(0), steps=3)
+    purifier = RecordingPurifier(tiny_eps_model(0), reverse_steps=3)
     d = ssni.Defense(TinyClassifier(), purifier, policy)
     x, y = gaussian_images(4, seed=3), torch.tensor([0, 1, 2, 3])
     b, k, n, steps = 4, 4, 5, 3
@@ -109,8 +111,10 @@ def test_shared_levels_probe_once_per_estimate_and_every_pass_uses_them():
 
 def test_surrogate_shares_levels_with_the_real_defense_loss_pass():
     policy = _ssni(levels=4)
-    real = ssni.Defense(TinyClassifier(), ssni.DiffPure(tiny_eps_model(0), steps=6), policy)
-    cheap = ssni.Defense(real.classifier, ssni.DiffPure(real.purifier.model, steps=2), policy)
+    real = ssni.Defense(TinyClassifier(), ssni.DiffPure(tiny_eps_model(0), reverse_steps=6), policy)
+    cheap = ssni.Defense(
+        real.classifier, ssni.DiffPure(real.purifier.model, reverse_steps=2), policy
+    )
     x, y = gaussian_images(4, seed=4), torch.tensor([0, 1, 2, 3])
     with ssni.count_network_calls(real, cheap) as calls:
         est = Surrogate(cheap, n=3)(real, CrossEntropy(), x, y, _g(5))
@@ -132,9 +136,9 @@ def test_probe_chunking_gives_the_same_norms_in_calls_of_the_chosen_size():
     model = tiny_eps_model(2)
     x = gaussian_images(16, seed=6)
     with ssni.count_network_calls(model) as one:
-        e_one = eps_score_norm(model, x, levels=10, generator=_g(4), chunk_size=0)
+        e_one = eps_score_norm(model, x, probe_levels=10, generator=_g(4), chunk_size=0)
     with ssni.count_network_calls(model) as auto:
-        e_auto = eps_score_norm(model, x, levels=10, generator=_g(4))
+        e_auto = eps_score_norm(model, x, probe_levels=10, generator=_g(4))
     assert one.calls == 1 and one.images == 160
     assert auto.calls == 3 and auto.images == 160  # chunks of 64 images (4 levels of 16)
     assert torch.allclose(e_auto, e_one, rtol=1e-5, atol=1e-6)
@@ -166,7 +170,7 @@ def test_defense_with_given_levels_skips_the_policy():
 def test_report_counts_network_evaluations_per_iteration():
     d = _defense(steps=3)
     x, y = gaussian_images(4, seed=8), torch.tensor([0, 1, 2, 3])
-    attack = PGD(ThreatModel("Linf", 0.1), steps=2, step_size=0.05, eot=2)
+    attack = PGD(ThreatModel("Linf", 0.1), iterations=2, step_size=0.05, eot=2)
     report = ssni.evaluate(d, attack, (x, y), seeds=[1], batch_size=4, sanity_checks=False)
     # PGD needs no loss pass: 2 EOT passes x 3 reverse steps per iteration
     assert report.network_evals_per_iteration == pytest.approx(6.0)
@@ -183,7 +187,7 @@ def test_accelerate_switch_leaves_cpu_output_unchanged():
     assert torch.equal(fast.eps(x, t), plain.eps(x, t))
     img = gaussian_images(4, seed=9)
     purify = [
-        ssni.DiffPure(m, steps=4)(img, torch.full((4,), 0.2), generator=_g(2))
+        ssni.DiffPure(m, reverse_steps=4)(img, torch.full((4,), 0.2), generator=_g(2))
         for m in (plain, fast)
     ]
     assert torch.equal(purify[0], purify[1])
