@@ -36,7 +36,9 @@ from ssni.io.zoo import (
 NCSNPP = "ncsnpp_cifar10_ddpmpp_deep_continuous"
 GUIDED = "guided_diffusion_256x256_uncond_unet"
 WRN = "robustbench_cifar10_linf_standard_wrn28_10"
-T = torch.tensor([0.1, 0.6])  # the fixtures' times: labels 999 t (ncsnpp), 1000 t (guided)
+T = torch.tensor([0.1, 0.6])  # the ncsnpp fixture's times: labels 999 t = 99.9, 599.4
+# the guided fixture's labels 100, 600 are the 0-based indices of alpha_bar_101 and alpha_bar_601
+T_GUIDED = torch.tensor([0.101, 0.601])
 
 
 def _json(folder: Path, name: str, kind: str) -> dict:
@@ -177,7 +179,7 @@ def test_guided_state_dict_learned_sigma_split(
         save_file(state, str(path))
     model = load_score_model(entry, path)
     with torch.no_grad():
-        eps = model.eps(tensors["__input__x"], T)
+        eps = model.eps(tensors["__input__x"], T_GUIDED)
     assert eps.shape == (2, 3, 64, 64)  # variance channels dropped
     assert (eps - tensors["__output__"][:, :3]).abs().max() <= 1e-4
     assert model.schedule.discrete
@@ -339,7 +341,7 @@ def test_diffusers_folder_is_a_score_model(tmp_path: Path) -> None:
     t = torch.tensor([0.1, 0.6])
     with torch.no_grad():
         ours = model.eps(x, t)
-        direct = unet(x, torch.tensor([100, 600])).sample
+        direct = unet(x, torch.tensor([99, 599])).sample  # label k - 1 for alpha_bar_k
     torch.testing.assert_close(ours, direct, rtol=0, atol=1e-6)
     assert model.schedule.discrete and model.schedule.num_steps == 1000
     # The schedule is DDPM's: alpha_bar after k steps of linspace(1e-4, 0.02, 1000).
@@ -374,7 +376,7 @@ def test_diffusers_prediction_types_give_eps(kind: str) -> None:
 
     class Oracle(nn.Module):
         def forward(self, x, timesteps):
-            assert torch.equal(timesteps, torch.tensor([200.0, 700.0]))
+            assert torch.equal(timesteps, torch.tensor([199.0, 699.0]))
             return types.SimpleNamespace(sample=target)
 
     model = DiffusersUNet(Oracle(), schedule, prediction_type=kind)

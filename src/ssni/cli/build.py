@@ -380,7 +380,8 @@ def build_attack(
         gradient_model = defense
     if cfg.attack in ("pgd", "clean-levels"):
         attack = attacks.PGD(
-            threat, iterations=steps, step_size=cfg.step_size, gradient=estimator
+            threat, iterations=steps, step_size=cfg.step_size, gradient=estimator,
+            l2_step=cfg.l2_step,
         )
     elif cfg.attack == "constrained":
         attack = attacks.TwoPhase(

@@ -114,6 +114,9 @@ class RunConfig:
     attack: str = "pgd"
     norm: str = "linf"
     eps: float = 8.0 / 255.0
+    # PGD's L2 step: "normalized" (step_size * g / ||g||) or "sign" (step_size * sign(g), then
+    # projected on the L2 ball: the SSNI reference code's L2 attack)
+    l2_step: str = "normalized"
     step_size: float = 0.007
     iterations: int = 200
     gradient: str = "surrogate"
@@ -176,6 +179,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "stats_split": ("train", "val"),
     "attack": ("pgd", "apgd", "constrained", "clean-levels"),
     "norm": ("linf", "l2"),
+    "l2_step": ("normalized", "sign"),
     "gradient": ("full", "surrogate", "bpda"),
     "calib_objective": ("constrained", "weighted"),
     "resume": ("auto", "repair"),

@@ -47,8 +47,12 @@ class ScoreModel(nn.Module):
 class EpsilonNetwork(ScoreModel):
     """Adapter for an epsilon-prediction network ``net(x, label)``.
 
-    The label given to the network is ``t * time_scale`` (score_sde continuous models use 999,
-    DDPM/guided-diffusion models use 1000 with ``integer_time=True``, which rounds).
+    The label given to the network is ``t * time_scale - time_offset`` (rounded first when
+    ``integer_time``), never below 0. Each checkpoint family gets the label it was trained with:
+    score_sde's continuous models ``999 t`` (scale 999, offset 0); discrete DDPMs
+    (guided-diffusion, diffusers) were trained with the 0-based index ``k - 1`` for
+    ``alpha_bar_k = prod_{j <= k} (1 - beta_j)``, i.e. ``t = k / 1000`` gets label ``k - 1``
+    (scale 1000, ``integer_time=True``, offset 1).
 
     Args:
         net: module called as ``net(x, label)`` with ``label`` of shape ``(B,)``.
@@ -61,6 +65,7 @@ class EpsilonNetwork(ScoreModel):
             memory format and compiled with ``torch.compile`` (dynamic shapes: active sets vary);
             the output is cast back to the input's dtype. Inputs on other devices take the plain
             path, so CPU results do not change.
+        time_offset: subtracted from the (rounded) label; 1 for 0-based discrete checkpoints.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class EpsilonNetwork(ScoreModel):
         time_scale: float = 999.0,
         integer_time: bool = False,
         out_channels: Optional[int] = None,
+        time_offset: float = 0.0,
         accelerate: bool = False,
     ) -> None:
         super().__init__(schedule)
@@ -78,6 +84,7 @@ class EpsilonNetwork(ScoreModel):
         self.time_scale = float(time_scale)
         self.integer_time = bool(integer_time)
         self.out_channels = out_channels
+        self.time_offset = float(time_offset)
         self.accelerate = bool(accelerate)
         self._compiled = None
 
@@ -90,10 +97,17 @@ class EpsilonNetwork(ScoreModel):
             out = self._compiled(x.contiguous(memory_format=torch.channels_last), label)
         return out.to(x.dtype).contiguous()
 
-    def eps(self, x: Tensor, t: Tensor) -> Tensor:
-        label = t.to(x.dtype) * self.time_scale
+    def labels(self, t: Tensor) -> Tensor:
+        """``(B,)`` time labels given to the network for levels ``t`` ``(B,)``."""
+        label = t * self.time_scale
         if self.integer_time:
             label = torch.round(label.detach())
+        if self.time_offset:
+            label = (label - self.time_offset).clamp_min(0.0)
+        return label
+
+    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+        label = self.labels(t.to(x.dtype))
         if self.accelerate and x.is_cuda:
             out = self._fast_net(x, label)
         else:

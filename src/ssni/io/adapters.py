@@ -1,8 +1,8 @@
 """Adapters beyond :class:`ssni.core.score.EpsilonNetwork`: diffusers UNets as score models, and
 classifier input wrappers (mean/std normalisation, resizing).
 
-``EpsilonNetwork`` already covers the score_sde and guided-diffusion checkpoints (time-label
-scaling and the learned-sigma channel split); the registry in :mod:`ssni.io.zoo` sets them up.
+``EpsilonNetwork`` already covers the score_sde and guided-diffusion checkpoints (time labels
+and the learned-sigma channel split); the registry in :mod:`ssni.io.zoo` sets them up.
 """
 
 from __future__ import annotations
@@ -109,8 +109,10 @@ class ResizedPurifier(Purifier):
 class DiffusersUNet(ScoreModel):
     """A diffusers ``UNet2DModel`` (DDPM-style, discrete time) as a score model.
 
-    The network gets the timestep ``round(t * N)`` (``N = num_train_timesteps``; the same
-    convention as DiffPure's use of discrete models) and its output is turned into eps:
+    The network gets the 0-based timestep it was trained with, ``round(t * N) - 1`` for
+    ``alpha_bar(t) = prod_{j <= t N} (1 - beta_j)`` (``N = num_train_timesteps``; diffusers'
+    ``DDPMScheduler`` adds noise at ``alphas_cumprod[k - 1]`` with label ``k - 1``), and its
+    output is turned into eps:
     ``epsilon`` as is, ``sample`` (x0) via ``(x - sqrt(a) x0) / sigma``, ``v_prediction`` via
     ``sqrt(a) v + sigma x``, with ``a = alpha_bar(t)`` of ``schedule``.
 
@@ -137,8 +139,8 @@ class DiffusersUNet(ScoreModel):
         self.out_channels = out_channels
 
     def timesteps(self, t: Tensor) -> Tensor:
-        """Integer-valued network timesteps ``round(t * N)`` as float, shape ``(B,)``."""
-        return torch.round(t.detach() * self.schedule.num_steps)
+        """Integer-valued network timesteps ``round(t * N) - 1`` (at least 0) as float, ``(B,)``."""
+        return (torch.round(t.detach() * self.schedule.num_steps) - 1.0).clamp_min(0.0)
 
     def eps(self, x: Tensor, t: Tensor) -> Tensor:
         out = self.unet(x, self.timesteps(t).to(x.dtype))

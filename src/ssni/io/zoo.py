@@ -58,7 +58,9 @@ class ScoreModelEntry:
 
     ``format``: ``"score_sde"`` (dict with ``model`` + EMA ``shadow_params``), ``"state_dict"``
     or ``"diffusers"`` (a folder). The adapter is ``EpsilonNetwork(net, VPSchedule(**schedule),
-    time_scale=..., integer_time=..., out_channels=...)``.
+    time_scale=..., integer_time=..., out_channels=..., time_offset=...)``: the time label the
+    network was trained with (score_sde continuous: ``999 t``; 0-based discrete DDPMs: ``k - 1``
+    for ``t = k / 1000``).
     """
 
     summary: str
@@ -71,6 +73,7 @@ class ScoreModelEntry:
     time_scale: float = 999.0
     integer_time: bool = False
     out_channels: Optional[int] = None
+    time_offset: float = 0.0
     schedule: Mapping[str, Any] = field(default_factory=dict)
     optional_keys: Tuple[str, ...] = ()
 
@@ -123,6 +126,7 @@ SCORE_MODELS: Mapping[str, ScoreModelEntry] = MappingProxyType(
             image_size=256,
             time_scale=1000.0,
             integer_time=True,
+            time_offset=1.0,  # trained with the 0-based index k - 1 for alpha_bar_k
             out_channels=3,
             schedule=MappingProxyType(dict(_VP, discrete=True)),
         ),
@@ -260,6 +264,7 @@ def load_score_model(
         time_scale=entry.time_scale,
         integer_time=entry.integer_time,
         out_channels=entry.out_channels,
+        time_offset=entry.time_offset,
     )
     if entry.image_size:
         model.image_shape = (3, entry.image_size, entry.image_size)
