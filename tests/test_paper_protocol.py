@@ -9,7 +9,7 @@ from torch import nn
 
 import ssni
 from _models import TinyClassifier
-from ssni.attacks import EOT, PGD, ThreatModel
+from ssni.attacks import PGD, Attack, ThreatModel
 from ssni.cli import config as config_mod
 
 
@@ -127,3 +127,34 @@ def test_diffusers_unet_gets_zero_based_timesteps():
     with torch.no_grad():
         model.eps(torch.zeros(3, 3, 4, 4), torch.tensor([0.1, 0.001, 0.6]))
     assert net.seen[-1].tolist() == [99.0, 0.0, 599.0]
+
+
+# --- 5. the reference's robust metric beside ours -----------------------------------------------
+class _MeanBrightness(nn.Module):
+    """Class 1 when the mean pixel exceeds 0.5, else class 0."""
+
+    def forward(self, x):
+        m = x.flatten(1).mean(1, keepdim=True) - 0.5
+        return torch.cat([torch.zeros_like(m), 20.0 * m], dim=1)
+
+
+class _Brighten(Attack):
+    """Adds eps everywhere: it makes dark images of class 1 right instead of wrong."""
+
+    def perturb(self, model, x, y, generator):
+        return (x + self.threat.eps).clamp(0, 1)
+
+
+def test_reference_robust_metric_counts_adversarial_correctness_on_its_own():
+    x = torch.cat([torch.full((2, 1, 4, 4), 0.45), torch.full((2, 1, 4, 4), 0.8)])
+    y = torch.tensor([1, 1, 0, 1])  # clean: wrong, wrong, wrong, right
+    attack = _Brighten(ThreatModel("Linf", 0.1))
+    report = ssni.evaluate(
+        _MeanBrightness(), attack, (x, y), seeds=[1], batch_size=4, sanity_checks=False
+    )
+    # adversarial: right, right, wrong, right; ours needs the clean input right too
+    assert report.clean_accuracy == 0.25
+    assert report.robust_accuracy == 0.25
+    assert report.robust_accuracy_reference == 0.75
+    assert report.per_seed[0]["robust_accuracy_reference"] == 0.75
+    assert "reference's metric" in report.summary()

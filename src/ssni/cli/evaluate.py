@@ -32,6 +32,8 @@ def _rows(cfg, report) -> List[Dict[str, Any]]:
         metrics: Dict[str, Any] = {
             "clean_acc": per["clean_accuracy"],
             "robust_acc": per["robust_accuracy"],
+            # the SSNI reference code's metric: adversarial input right on its own
+            "robust_acc_ref": per["robust_accuracy_reference"],
         }
         for key, name in (("t_clean", "mean_t_clean"), ("t_adv", "mean_t_adv")):
             vals = [r[key] for r in recs if r.get(key) is not None]

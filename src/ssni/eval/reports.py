@@ -62,13 +62,14 @@ _NOT_IDENTITY = ("seeds", "device", "batch_size", "description", "resume")
 METRIC_LABELS = {
     "clean_acc": "Clean acc (%)",
     "robust_acc": "Robust acc (%)",
+    "robust_acc_ref": "Robust acc, reference's metric (%)",
     "auc": "ROC AUC",
     "mean_t_clean": "mean t(x) clean [steps]",
     "mean_t_adv": "mean t(x) adv [steps]",
     "nfe": "NFE",
     "seconds": "time (s)",
 }
-_PERCENT = ("clean_acc", "robust_acc")
+_PERCENT = ("clean_acc", "robust_acc", "robust_acc_ref")
 _STEPS = ("mean_t_clean", "mean_t_adv")  # levels shown in steps of 1/1000
 
 
