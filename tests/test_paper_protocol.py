@@ -17,7 +17,7 @@ def _g(seed):
     return torch.Generator().manual_seed(seed)
 
 
-# --- 1. PGD-L2 step -------------------------------------------------------------------------------
+# --- 1. PGD-L2 step ------------------------------------------------------------------------------
 def _reference_l2_pgd(model, x, y, eps, step, steps):
     """The SSNI reference code's L2 PGD (after Lee & Kim), written out by hand: step
     ``step * sign(grad)``, scale the perturbation back onto the L2 ball, clip to [0, 1]."""
@@ -60,7 +60,7 @@ def test_paper_l2_presets_use_the_reference_step():
         assert cfg.l2_step == "sign", name
 
 
-# --- 3. time labels of discrete checkpoint families ------------------------------------------------
+# --- 3. time labels of discrete checkpoint families ----------------------------------------------
 class LabelNet(nn.Module):
     """Returns the time label it was given in every output entry, and remembers the labels."""
 
@@ -129,7 +129,7 @@ def test_diffusers_unet_gets_zero_based_timesteps():
     assert net.seen[-1].tolist() == [99.0, 0.0, 599.0]
 
 
-# --- 5. the reference's robust metric beside ours -----------------------------------------------
+# --- 5. the reference's robust metric beside ours ------------------------------------------------
 class _MeanBrightness(nn.Module):
     """Class 1 when the mean pixel exceeds 0.5, else class 0."""
 
@@ -158,3 +158,125 @@ def test_reference_robust_metric_counts_adversarial_correctness_on_its_own():
     assert report.robust_accuracy_reference == 0.75
     assert report.per_seed[0]["robust_accuracy_reference"] == 0.75
     assert "reference's metric" in report.summary()
+
+
+# --- 6. the recorded t(x) is the one each prediction used ----------------------------------------
+class _RandomLevel(ssni.NoiseLevelPolicy):
+    """A level drawn from the generator: a second draw would give another one."""
+
+    def forward(self, x, generator=None):
+        k = torch.randint(1, 200, (x.shape[0],), generator=generator)
+        return k.to(x.dtype) / 1000.0
+
+
+class _LevelImage(ssni.Purifier):
+    """Writes the level into the image, so the classifier can read it back."""
+
+    def run(self, x, t, generator=None):
+        from ssni.core.purifiers import Purification
+
+        out = x * 0 + t.view(-1, 1, 1, 1) * 4
+        return Purification(out, torch.zeros(x.shape[0], dtype=torch.long))
+
+
+class _LevelClassifier(nn.Module):
+    """Predicts ``round(1000 t) mod 10`` of the level written by :class:`_LevelImage`."""
+
+    def forward(self, x):
+        k = torch.round(x.flatten(1)[:, 0] / 4 * 1000).long() % 10
+        return 10.0 * nn.functional.one_hot(k, 10).to(x.dtype)
+
+
+@pytest.mark.parametrize("votes", [1, 3])
+def test_records_hold_the_level_each_prediction_used(votes):
+    defense = ssni.Defense(_LevelClassifier(), _LevelImage(), _RandomLevel())
+    x = torch.rand(12, 1, 4, 4, generator=_g(0))
+    y = torch.zeros(12, dtype=torch.long)
+    attack = PGD(ThreatModel("Linf", 0.01), steps=1, eot=1)
+    report = ssni.evaluate(
+        defense, attack, (x, y), seeds=[5], votes=votes, batch_size=6, sanity_checks=False
+    )
+    for r in report.records:
+        assert r["clean_passes"][0] == round(1000 * r["t_clean"]) % 10
+        assert r["adv_passes"][0] == round(1000 * r["t_adv"]) % 10
+        if votes > 1:
+            assert [round(1000 * t) % 10 for t in r["t_clean_passes"]] == r["clean_passes"]
+            assert [round(1000 * t) % 10 for t in r["t_adv_passes"]] == r["adv_passes"]
+
+
+def test_defense_run_reports_the_score_norm_behind_t():
+    from _models import gaussian_images, tiny_eps_model
+
+    score = tiny_eps_model(1)
+    policy = ssni.SSNI(score, t_star=0.1, levels=4).fit([gaussian_images(16, seed=5)], _g(0))
+    defense = ssni.Defense(TinyClassifier(), ssni.DiffPure(score, steps=2), policy)
+    x = gaussian_images(4, seed=9)
+    out = defense.run(x, generator=_g(3))
+    t, e = policy.levels_and_norms(x, generator=_g(3))
+    torch.testing.assert_close(out.t, t)
+    torch.testing.assert_close(out.score_norm, e)
+    torch.testing.assert_close(policy.quantize(policy.level_from_norm(out.score_norm)), out.t)
+    with torch.no_grad():
+        torch.testing.assert_close(defense(x, generator=_g(3)), out.logits)
+
+
+# --- 6. APGD picks its iterate on the real defense when handed a Surrogate estimator -------------
+class _PeakAtStart(nn.Module):
+    """Loss is highest at the start point ``x0``: every step away makes it smaller."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x):
+        d = (x - self.x0).flatten(1).norm(dim=1, keepdim=True)
+        return torch.cat([d, torch.zeros_like(d)], dim=1)  # CE of class 0 falls with distance
+
+
+class _AwayFromStart(nn.Module):
+    """Surrogate whose loss grows along the first pixel axis."""
+
+    def forward(self, x):
+        v = x.flatten(1)[:, :1]
+        return torch.cat([-10 * v, torch.zeros_like(v)], dim=1)
+
+
+def test_apgd_with_surrogate_estimator_chooses_on_the_real_model():
+    from ssni.attacks import APGD, Surrogate
+
+    x = torch.full((3, 1, 4, 4), 0.5)
+    y = torch.zeros(3, dtype=torch.long)  # CE of class 0: lowest at x0 for the real model
+    real = _PeakAtStart(x)
+    apgd = APGD(ThreatModel("Linf", 0.1), steps=8, random_start=False,
+                gradient=Surrogate(_AwayFromStart(), n=1))
+    out = apgd(real, x, y)
+    # on the surrogate every step raises the loss; on the real model none does: the start wins
+    torch.testing.assert_close(out, x)
+    on_surrogate = APGD(ThreatModel("Linf", 0.1), steps=8, random_start=False, eot=1)
+    assert (on_surrogate(_AwayFromStart(), x, y) - x).abs().max() > 0.05
+
+
+def test_gns_presets_use_or_reject_surrogate_steps():
+    from _models import tiny_eps_model
+    from ssni.cli.build import build_purifier
+    from ssni.cli.config import ConfigError
+
+    model = tiny_eps_model(0, channels=3)
+    for name in [n for n in config_mod.list_presets() if n.startswith("cifar10-gns")]:
+        cfg = config_mod.load_config(name)
+        if cfg.gradient != "surrogate":
+            continue
+        sur = build_purifier(cfg, model, surrogate=True)
+        assert sur.stages == (0.03, 0.05, 0.125) and sur.stage_steps == (1, 1, 5)
+        with pytest.raises(ConfigError, match="surrogate_steps"):
+            build_purifier(cfg.replace(surrogate_steps=20), model, surrogate=True)
+
+
+def test_readme_states_the_measured_schedule_agreement():
+    from pathlib import Path
+
+    t = torch.arange(0, 1001, dtype=torch.float64) / 1000
+    diff = (ssni.VPSchedule().alpha_bar(t) - ssni.VPSchedule(discrete=True).alpha_bar(t)).abs()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"most {float(diff.max()):.1e}".replace("e-04", "e-4") in readme
+    assert f"`t = {float(t[diff.argmax()]):.3f}`" in readme

@@ -270,45 +270,59 @@ def test_strip_prefixes() -> None:
     assert strip_prefixes(sd, ("module.", "model.")) == {"a": 1, "b": 2, "c.module.d": 3}
 
 
-# --------------------------------------------------------------------------- torchvision
+# --------------------------------------------------------------------------- ImageNet ResNets
 
 
-def test_torchvision_missing_gives_clear_error(monkeypatch, tmp_path: Path) -> None:
+def test_torchvision_architectures_need_torchvision(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)
     monkeypatch.setitem(sys.modules, "torchvision.models", None)
     with pytest.raises(ImportError, match=r"ssni\[vision\]"):
-        load_classifier("imagenet-resnet50", tmp_path / "resnet50.pth")
+        build_network("torchvision:resnet50", {})
+    custom = dataclasses.replace(CLASSIFIERS["imagenet-resnet50"], architecture="torchvision:x")
+    with pytest.raises(ImportError, match=r"ssni\[vision\]"):
+        load_classifier(custom, tmp_path / "resnet50.pth")
 
 
-def test_torchvision_classifier_folds_normalisation_and_resize(
-    monkeypatch, tmp_path: Path
-) -> None:
-    """With a stand-in torchvision module: ImageNet mean/std and the 224 resize live inside."""
-
-    def tiny(weights=None, num_classes=1000):
-        assert weights is None
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)
-        )
-
-    fake = types.ModuleType("torchvision")
-    fake_models = types.ModuleType("torchvision.models")
-    fake_models.resnet50 = tiny  # type: ignore[attr-defined]
-    fake.models = fake_models  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torchvision", fake)
-    monkeypatch.setitem(sys.modules, "torchvision.models", fake_models)
-
+def test_imagenet_resnet_folds_normalisation_and_resize(monkeypatch, tmp_path: Path) -> None:
+    """Our ResNet with torchvision's key names (no torchvision installed: it is blocked here);
+    ImageNet mean/std and the 224 resize live inside. A small width keeps the file small."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    entry = CLASSIFIERS["imagenet-resnet50"]
+    assert entry.architecture == "resnet" and tuple(entry.config["layers"]) == (3, 4, 6, 3)
+    small = dataclasses.replace(entry, config={**entry.config, "width": 4})
     torch.manual_seed(0)
-    ref = tiny().eval()
+    ref = build_network(small.architecture, small.config).eval()
+    keys = list(ref.state_dict())
+    assert keys[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    assert "layer1.0.downsample.0.weight" in keys and "layer4.2.conv3.weight" in keys
+    assert keys[-2:] == ["fc.weight", "fc.bias"]
     path = tmp_path / "resnet50-0676ba61.pth"
     torch.save(ref.state_dict(), path)
-    clf = load_classifier("imagenet-resnet50", path)
+    clf = load_classifier(small, path)
     assert isinstance(clf, Resized) and isinstance(clf.module, Normalized)
     x = torch.rand(2, 3, 256, 256)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(clf(x), ref((resize_images(x, 224) - mean) / std))
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet18", "wide_resnet50_2"])
+def test_imagenet_resnet_equals_torchvision(arch: str) -> None:
+    tvm = pytest.importorskip("torchvision.models", reason="torchvision is not installed")
+    torch.manual_seed(0)
+    ref = getattr(tvm, arch)(weights=None).eval()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    entry = CLASSIFIERS[f"imagenet-{arch.replace('_', '-')}"]
+    ours = build_network(entry.architecture, entry.config).eval()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.double()(x), ref.double()(x), rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- diffusers

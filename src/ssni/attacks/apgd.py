@@ -6,8 +6,13 @@ Step size starts at ``2 eps`` and is halved at checkpoints ``w_j = ceil(p_j N)``
 (2) the step size was not halved at the last checkpoint and the best loss has not improved since;
 such a sample restarts from its best point. Updates use momentum ``alpha``:
 ``z = P(x_k + eta d(grad))``, ``x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}))``.
-The returned point is the latest iterate judged misclassified (mean logits of the estimator's
-passes), else the best-loss iterate. :func:`autoattack_rand` chains APGD-CE and APGD-DLR as
+The returned point is the latest iterate judged misclassified, else the best-loss iterate. Both
+are judged on the losses and logits the gradient estimator reports: with :class:`EOT` the mean over
+its passes through the model the attack is called with; with :class:`Surrogate` one no-grad pass of
+the model the attack is called with (the real defense in ``evaluate`` and the CLI), not of the
+surrogate whose gradients it follows. Called directly on a surrogate model (``evaluate(...,
+surrogate=...)``), APGD chooses its iterates on that surrogate; use ``gradient=Surrogate(...)``
+to choose them on the real defense. :func:`autoattack_rand` chains APGD-CE and APGD-DLR as
 AutoAttack's "rand" version for stochastic defenses (EOT 20, one restart).
 """
 

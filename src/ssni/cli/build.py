@@ -69,6 +69,37 @@ DEFAULT_MODELS: Dict[str, Tuple[str, str]] = {
 # ----------------------------------------------------------------------------- data
 
 
+def _imagenet(cfg: RunConfig, split: str, n: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """ImageNet at ``image_size`` (Resize 256, CenterCrop): ``test`` images are the paper's
+    seeded subset of the validation folder; ``train`` images a seeded subset of ``train_dir``
+    (the reference's clean statistics: 5000 training images, seed 0); ``val`` (held-out)
+    images the second half of a seeded permutation of the validation folder."""
+    import numpy as np
+
+    from ..data.imagenet import list_image_folder, load_image, load_imagenet_val
+
+    size = cfg.image_size or 256
+    if split == "train":
+        if not cfg.train_dir:
+            raise ConfigError(
+                "train_dir", "ImageNet statistics from 'train' need the training folder"
+            )
+        return load_imagenet_val(cfg.train_dir, n=n, seed=seed, size=size)
+    if not cfg.data_dir:
+        raise ConfigError("data_dir", "ImageNet needs the validation folder (one dir per class)")
+    if split == "test":
+        return load_imagenet_val(cfg.data_dir, n=n, seed=seed, size=size)
+    samples, _ = list_image_folder(cfg.data_dir)
+    perm = np.random.RandomState(seed).permutation(len(samples))
+    pool = perm[len(samples) // 2 :]
+    if n > pool.size:
+        raise ConfigError("stats_n", f"only {pool.size} held-out ImageNet images available")
+    chosen = pool[:n]
+    x = torch.stack([load_image(samples[i][0], size) for i in chosen])
+    y = torch.tensor([samples[i][1] for i in chosen], dtype=torch.int64)
+    return x, y
+
+
 def load_images(
     cfg: RunConfig, split: str, n: int, seed: int, key: str = "n"
 ) -> Tuple[Tensor, Tensor]:
@@ -77,6 +108,8 @@ def load_images(
     asked for ``n`` (named in the error when the split is too small)."""
     from ..data import dataset_entry, sample_split
 
+    if cfg.dataset == "imagenet":  # image_size, train_dir: the paper's ImageNet protocol
+        return _imagenet(cfg, split, n, seed)
 
     if dataset_entry(cfg.dataset).needs_root and not cfg.data_dir:
         raise ConfigError("data_dir", f"{cfg.dataset} needs the folder of its files")
@@ -189,7 +222,17 @@ def build_classifier(cfg: RunConfig) -> nn.Module:
 
 def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False) -> Purifier:
     """The configured purifier; ``surrogate=True`` gives the cheap copy used for attack
-    gradients (``surrogate_steps`` reverse steps per sample / per stage)."""
+    gradients (``surrogate_steps`` reverse steps per sample / per stage). With ``purify_size``
+    it runs at that size (bilinear resize there and back, DiffPure's ImageNet path)."""
+    purifier = _purifier(cfg, model, surrogate)
+    if cfg.purify_size:
+        from ..io.adapters import ResizedPurifier
+
+        purifier = ResizedPurifier(purifier, cfg.purify_size)
+    return purifier
+
+
+def _purifier(cfg: RunConfig, model: ScoreModel, surrogate: bool) -> Purifier:
     steps = cfg.surrogate_steps if surrogate else (cfg.purify_steps or None)
     if cfg.purifier == "diffpure":
         return DiffPure(model, rule=cfg.rule, reverse_steps=steps)
@@ -204,10 +247,18 @@ def build_purifier(cfg: RunConfig, model: ScoreModel, *, surrogate: bool = False
             rule=cfg.rule,
             reverse_steps=steps,
         )
-    from ..core.gns import GNS, GNS_CIFAR10_STAGES
+    from ..core.gns import GNS, GNS_CIFAR10_STAGES, GNS_CIFAR10_SURROGATE_STEPS
 
     if surrogate:
         if tuple(cfg.gns_stages) == GNS_CIFAR10_STAGES and cfg.t_star == max(GNS_CIFAR10_STAGES):
+            published = sum(GNS_CIFAR10_SURROGATE_STEPS)
+            if cfg.surrogate_steps != published:
+                raise ConfigError(
+                    "surrogate_steps",
+                    f"the published GNS surrogate takes {published} steps (1, 1, 5 over stages "
+                    f"30, 50, 125), got {cfg.surrogate_steps}; set surrogate_steps={published} "
+                    "or change gns_stages",
+                )
             return GNS.surrogate(model, rule=cfg.rule)
         per_stage = max(1, cfg.surrogate_steps // len(cfg.gns_stages))
         return GNS(

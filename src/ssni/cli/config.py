@@ -81,6 +81,10 @@ class RunConfig:
     # -- data
     dataset: str = "cifar10"
     data_dir: str = ""
+    # ImageNet: folder of the training images (one dir per class) for stats_split = "train"
+    train_dir: str = ""
+    # ImageNet: height = width of the attacked images (0: 256); the paper's rows use 224
+    image_size: int = 0
     split: str = "test"
     n: int = 512
     subset_seed: int = 0
@@ -94,6 +98,9 @@ class RunConfig:
     rule: str = "ddpm"
     t_star: float = 0.1
     purify_steps: int = 0  # 0: one reverse step per 1/1000 of t (t* = 0.1 -> 100 steps)
+    # run the purifier at this size, bilinear resize there and back (0: the image size);
+    # ImageNet rows: 224x224 images purified by the 256x256 model
+    purify_size: int = 0
     gdmp_distance: str = "mse"  # GDMP: guidance distance, scale (CIFAR-10 value) and rounds
     gdmp_scale: float = 60000.0 * 3.0 / (2.0 * 8.0 / 255.0) / (100 * 3 * 32 * 32)
     gdmp_rounds: int = 4
@@ -397,6 +404,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         value = getattr(cfg, key)
         _require(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
     _require(cfg.n >= 1, "n", f"must be >= 1, got {cfg.n}")
+    _require(cfg.purify_size >= 0, "purify_size", f"must be >= 0, got {cfg.purify_size}")
+    _require(cfg.image_size >= 0, "image_size", f"must be >= 0, got {cfg.image_size}")
+    if cfg.image_size:
+        _require(cfg.dataset == "imagenet", "image_size", "applies to dataset imagenet only")
     _require(cfg.stats_n >= 2, "stats_n", f"must be >= 2, got {cfg.stats_n}")
     q = cfg.norm_quantile
     _require(0.0 < q < 1.0, "norm_quantile", f"must be in (0, 1), got {q}")

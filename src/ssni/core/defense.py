@@ -23,12 +23,14 @@ def majority_vote(labels: Tensor, classes: int) -> Tensor:
 
 
 class DefenseOutput(NamedTuple):
-    """``logits`` ``(B, classes)``; ``t`` levels ``(B,)``; ``purified`` images; ``nfe`` ``(B,)``."""
+    """``logits`` ``(B, classes)``; ``t`` levels ``(B,)``; ``purified`` images; ``nfe`` ``(B,)``;
+    ``score_norm`` the EPS norms ``(B,)`` that gave ``t`` (None for policies without one)."""
 
     logits: Tensor
     t: Tensor
     purified: Tensor
     nfe: Tensor
+    score_norm: Optional[Tensor] = None
 
 
 class Defense(nn.Module):
@@ -108,11 +110,17 @@ class Defense(nn.Module):
         generator: Optional[torch.Generator] = None,
         t: Optional[Tensor] = None,
     ) -> DefenseOutput:
-        """Every intermediate of one stochastic pass (levels ``t`` from the policy if None)."""
+        """Every intermediate of one stochastic pass (levels ``t`` from the policy if None, with
+        the same random draws as ``forward``; ``score_norm`` is the policy's norm behind them)."""
         self._check(x)
-        t = self._levels(x, generator, t)
+        e = None
+        levels_and_norms = getattr(self.policy, "levels_and_norms", None)
+        if t is None and levels_and_norms is not None:
+            t, e = levels_and_norms(x, generator=generator)
+        else:
+            t = self._levels(x, generator, t)
         pure = self.purifier.run(x, t, generator=generator)
-        return DefenseOutput(self.classifier(pure.x), t, pure.x, pure.nfe)
+        return DefenseOutput(self.classifier(pure.x), t, pure.x, pure.nfe, e)
 
     def purify(
         self,

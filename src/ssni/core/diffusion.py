@@ -11,7 +11,7 @@ Two equivalent parametrisations are offered (Ho et al. 2020; Song et al. 2021):
   ``alpha_bar_i = prod_{j <= i} (1 - beta_j)``; between grid points ``log alpha_bar`` is
   interpolated linearly so that it stays differentiable in ``t``.
 
-Both agree to about 1e-4 in ``alpha_bar``.
+On the ``1/1000`` grid their ``alpha_bar`` differ by at most 8.1e-4 (at ``t = 0.141``).
 """
 
 from __future__ import annotations

@@ -45,6 +45,13 @@ class NoiseLevelPolicy(nn.Module):
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def levels_and_norms(
+        self, x: Tensor, generator: Optional[torch.Generator] = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(t, e)``: the levels ``(B,)`` of :meth:`forward` (same random draws) and the score
+        norms ``(B,)`` they came from, or None for policies without one."""
+        return self(x, generator=generator), None
+
 
 class Constant(NoiseLevelPolicy):
     """The same level ``t_star`` (in [0, 1]; 0.1 is step 100 of 1000) for every sample."""
@@ -335,7 +342,13 @@ class SSNI(NoiseLevelPolicy):
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Levels ``(B,)`` in ``[0, min(1, t* + b)]`` on the ``1 / N`` grid."""
+        return self.levels_and_norms(x, generator=generator)[0]
+
+    def levels_and_norms(
+        self, x: Tensor, generator: Optional[torch.Generator] = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(t, e)``: levels ``(B,)`` as :meth:`forward` and the EPS norms ``(B,)`` behind them."""
         self._require_fitted()
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             e = self.score_norm(x, generator=generator)
-            return self.quantize(self.level_from_norm(e))
+            return self.quantize(self.level_from_norm(e)), e

@@ -93,33 +93,28 @@ def _check_labels(y: Tensor, classes: int) -> None:
         )
 
 
-def _passes(model, x: Tensor, n: int, generator) -> Tensor:
-    """``(n, B)`` predicted labels of ``n`` stochastic no-grad passes."""
+def _passes(model, x: Tensor, n: int, generator):
+    """``n`` stochastic no-grad passes: ``(n, B)`` predicted labels and the levels ``t`` and EPS
+    norms ``e`` ``(n, B)`` each pass used (None when the model does not expose them)."""
+    run = getattr(model, "run", None)
+    preds, ts, es = [], [], []
     with torch.no_grad():
-        out = []
         for _ in range(n):
-            out.append(forward(model, x, generator).argmax(1))
-    return torch.stack(out)
+            if run is not None:
+                out = run(x, generator=generator)
+                preds.append(out.logits.argmax(1))
+                ts.append(out.t)
+                es.append(getattr(out, "score_norm", None))
+            else:
+                preds.append(forward(model, x, generator).argmax(1))
+    t = torch.stack(ts) if ts else None
+    e = torch.stack(es) if es and all(v is not None for v in es) else None
+    return torch.stack(preds), t, e
 
 
 def _num_classes(model, x: Tensor, generator) -> int:
     with torch.no_grad():
         return int(forward(model, x[:1], generator).shape[1])
-
-
-def _probe(defense, x: Tensor, generator):
-    """Levels ``t`` and EPS norms ``e`` (or None) of ``x`` under the defense's policy."""
-    policy = getattr(defense, "policy", None)
-    if policy is None:
-        return None, None
-    with torch.no_grad():
-        if hasattr(policy, "levels_and_norms"):
-            return policy.levels_and_norms(x, generator=generator)
-        if hasattr(policy, "score_norm") and hasattr(policy, "level_from_norm"):
-            e = policy.score_norm(x, generator=generator)
-            t = policy.quantize(policy.level_from_norm(e))
-            return t, e
-        return policy(x, generator=generator), None
 
 
 def _attack_models(attack) -> List[nn.Module]:
@@ -139,28 +134,31 @@ def _attack_chunk(
     gen_clean, gen_attack, gen_adv = (
         keyed_generator(x.device, seed, int(idx[0]), k) for k in range(3)
     )
-    clean = _passes(defense, x, passes, gen_clean)
-    t_clean, e_clean = _probe(defense, x, gen_clean)
+    clean, t_clean, e_clean = _passes(defense, x, passes, gen_clean)
     with count_network_calls(grad_model, defense, *_attack_models(attack)) as calls:
         x_adv = attack(grad_model, x, y, gen_attack)
     stats = attack.last_stats or {}
     outside = ~attack.threat.contains(x_adv, x)
     if bool(outside.any()):
         x_adv = attack.threat.project(x_adv, x)
-    adv = _passes(defense, x_adv, passes, gen_adv)
-    t_adv, e_adv = _probe(defense, x_adv, gen_adv)
+    adv, t_adv, e_adv = _passes(defense, x_adv, passes, gen_adv)
     clean_pred = majority_vote(clean[:votes], classes)
     adv_pred = majority_vote(adv[:votes], classes)
     clean_ok = clean_pred == y
     robust = clean_ok & (adv_pred == y)
     robust_worst = clean_ok & (adv[:worst_of] == y).all(0)
     dist = attack.threat.distance(x_adv, x)
+    # the level and score norm of the first pass (the prediction's when votes = 1); every pass's
+    # levels too when there are several
     cols = {
-        "t_clean": floats(t_clean),
-        "t_adv": floats(t_adv),
-        "score_norm_clean": floats(e_clean),
-        "score_norm_adv": floats(e_adv),
+        "t_clean": floats(None if t_clean is None else t_clean[0]),
+        "t_adv": floats(None if t_adv is None else t_adv[0]),
+        "score_norm_clean": floats(None if e_clean is None else e_clean[0]),
+        "score_norm_adv": floats(None if e_adv is None else e_adv[0]),
     }
+    if passes > 1:
+        cols["t_clean_passes"] = None if t_clean is None else t_clean.t().tolist()
+        cols["t_adv_passes"] = None if t_adv is None else t_adv.t().tolist()
     n_iter = int(stats.get("iterations", 0))
     # optional per-sample attack statistics (e.g. success at any iteration, lowest e(x))
     extra = {k: v.tolist() for k, v in stats.get("per_sample", {}).items()}
@@ -234,7 +232,9 @@ def evaluate(
             right).
         batch_size: samples per chunk; part of the configuration (it fixes the randomness).
         surrogate: model whose gradients the attack follows (e.g. ``bpda(defense)``); success
-            is still judged on ``defense``. Same as ``AttackTarget(defense, surrogate)``.
+            is still judged on ``defense``, but an attack that picks among its iterates (APGD)
+            picks on the surrogate; hand it a ``Surrogate(...)`` gradient estimator instead to
+            pick on the real defense. Same as ``AttackTarget(defense, surrogate)``.
         log_path: JSONL log for resuming; refused if written by another configuration.
         resume_from: other logs of this configuration (e.g. those of the ranks of an earlier
             distributed run) whose finished samples count as done; read only, never repeated.

@@ -99,6 +99,14 @@ class ResizedPurifier(Purifier):
         self.purifier = purifier
         self.size = size
 
+    @property
+    def model(self):
+        """The wrapped purifier's score model."""
+        return self.purifier.model
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
     def run(
         self, x: Tensor, t: Union[float, Tensor], generator: Optional[torch.Generator] = None
     ) -> Purification:

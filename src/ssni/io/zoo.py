@@ -179,8 +179,8 @@ CLASSIFIERS: Mapping[str, ClassifierEntry] = MappingProxyType(
                 file=f"{arch}-<hash>.pth",
                 source="torchvision's weight URL for this model (e.g. IMAGENET1K_V1), saved by "
                 "torch.hub into ~/.cache/torch/hub/checkpoints/",
-                architecture=f"torchvision:{arch}",
-                config=MappingProxyType({"num_classes": 1000}),
+                architecture="resnet",  # torchvision's layout; torchvision itself not needed
+                config=MappingProxyType(dict(config, num_classes=1000)),
                 input_size=224,
                 num_classes=1000,
                 entries=(),
@@ -189,7 +189,15 @@ CLASSIFIERS: Mapping[str, ClassifierEntry] = MappingProxyType(
                 std=IMAGENET_STD,
                 resize=True,
             )
-            for arch in ("resnet50", "resnet18", "resnet101", "wide_resnet50_2")
+            for arch, config in (
+                ("resnet50", {"block": "bottleneck", "layers": (3, 4, 6, 3)}),
+                ("resnet18", {"block": "basic", "layers": (2, 2, 2, 2)}),
+                ("resnet101", {"block": "bottleneck", "layers": (3, 4, 23, 3)}),
+                (
+                    "wide_resnet50_2",
+                    {"block": "bottleneck", "layers": (3, 4, 6, 3), "width_per_group": 128},
+                ),
+            )
         },
     }
 )
@@ -276,8 +284,9 @@ def load_classifier(name: Union[str, ClassifierEntry], path: PathLike) -> nn.Mod
 
     Args:
         name: a key of :data:`CLASSIFIERS` (``"cifar10-wrn-28-10"``, ``"cifar10-wrn-70-16"``,
-            ``"imagenet-resnet50"``, ...) or a :class:`ClassifierEntry`. ImageNet entries need
-            torchvision (``ssni[vision]``).
+            ``"imagenet-resnet50"``, ...) or a :class:`ClassifierEntry`. The ImageNet ResNets
+            are this library's own implementation with torchvision's layout (no torchvision
+            needed); ``torchvision:<name>`` architectures in custom entries need it.
         path: the weights file (``weights_only`` pickle or ``.safetensors``). A wrapping
             ``state_dict`` entry and ``module.`` / ``model.`` key prefixes are removed.
 

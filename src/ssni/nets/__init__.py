@@ -14,6 +14,7 @@ from torch import nn
 from .cnn import CNN as CNN
 from .guided_unet import GuidedUNet as GuidedUNet
 from .ncsnpp import NCSNpp as NCSNpp
+from .resnet import ResNet as ResNet
 from .unet import UNet as UNet
 from .wrn import WideResNet as WideResNet
 from .wrn import wrn_28_10 as wrn_28_10
@@ -27,6 +28,7 @@ ARCHITECTURES: Mapping[str, Callable[..., nn.Module]] = MappingProxyType(
         "ncsnpp": NCSNpp,
         "guided_unet": GuidedUNet,
         "wide_resnet": WideResNet,
+        "resnet": ResNet,
     }
 )
 
