@@ -7,6 +7,7 @@ and the learned-sigma channel split); the registry in :mod:`ssni.io.zoo` sets th
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -49,6 +50,15 @@ def resize_images(x: Tensor, size: Union[int, Tuple[int, int]]) -> Tensor:
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
 
 
+def _accepts(module: nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` takes a keyword argument ``name``."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 class Normalized(nn.Module):
     """``module((x - mean) / std)``: folds a classifier's input normalisation into the model, so
     it takes images in [0, 1]. ``mean``/``std`` are per-channel (non-persistent buffers)."""
@@ -81,8 +91,11 @@ class Resized(nn.Module):
         self.module = module
         self.size = size
         self.restore = bool(restore)
+        self._takes_generator = _accepts(module, "generator")
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not self._takes_generator:
+            kwargs.pop("generator", None)  # e.g. a classifier asked for one stochastic pass
         out = self.module(resize_images(x, self.size), *args, **kwargs)
         return resize_images(out, tuple(x.shape[-2:])) if self.restore else out
 
