@@ -235,5 +235,6 @@ def test_imagenet_rows_attack_224_purify_256_and_use_training_statistics(
     finally:
         hook.remove()
     assert out.purified.shape == x.shape
-    assert sizes[0] == (224, 224)  # the EPS probe sees the attacked image
-    assert set(sizes[1:]) == {(256, 256)}  # the diffusion model purifies at 256
+    # the EPS probe and the purification both give the diffusion model 256x256 images
+    assert set(sizes) == {(256, 256)} and len(sizes) == 1 + 2
+    assert parts.policy.probe_size == 256

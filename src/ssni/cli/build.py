@@ -273,6 +273,13 @@ def _purifier(cfg: RunConfig, model: ScoreModel, surrogate: bool) -> Purifier:
     )
 
 
+def _score_model(purifier: Purifier) -> ScoreModel:
+    """The score model of a purifier, looking through wrappers (``ResizedPurifier``)."""
+    while not hasattr(purifier, "model") and hasattr(purifier, "purifier"):
+        purifier = purifier.purifier
+    return purifier.model
+
+
 def resolve_policy_file(path: str) -> Path:
     """``path`` as given if it exists; else, for ``weights/<name>`` (how presets name shipped
     policy files), the file found by :func:`~ssni.io.weights.find_weights` (the package's copy)."""
@@ -320,6 +327,7 @@ def build_policy(
         bias=cfg.bias,
         probe_levels=cfg.levels,
         batch_joined=cfg.batch_joined,
+        probe_size=cfg.purify_size or None,  # the probe sees what the score model takes
     ).to(cfg.device)
     if not fit:
         return policy
@@ -409,7 +417,7 @@ def build_attack(
         gradient_model = defense.straight_through()
         estimator = attacks.EOT(n_eot, **eot_opts)
     else:
-        model = defense.purifier.model
+        model = _score_model(defense.purifier)
         surrogate = defense.variant(purifier=build_purifier(cfg, model, surrogate=True))
         if adaptive:
             surrogate = surrogate.relaxed()

@@ -66,6 +66,7 @@ def cmd_calibrate(args) -> int:
         reweight=REWEIGHT[cfg.policy],
         probe_levels=cfg.levels,
         batch_joined=cfg.batch_joined,
+        probe_size=cfg.purify_size or None,
     ).to(dev)
     admissible = [
         b

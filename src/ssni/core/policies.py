@@ -178,6 +178,8 @@ class SSNI(NoiseLevelPolicy):
             the probe runs without gradients, as in the reference.
         chunk_size: largest batch per network call of the probe (None: chosen from the batch
             size, see :func:`eps_score_norm`; 0: one call of ``K x B`` images).
+        probe_size: run the probe on the input resized (bilinear) to this height = width, the
+            size the score model takes (ImageNet: 224 images, 256 model); None: as given.
     """
 
     @renamed_keywords(levels="probe_levels")
@@ -193,6 +195,7 @@ class SSNI(NoiseLevelPolicy):
         batch_joined: bool = False,
         differentiable: bool = False,
         chunk_size: Optional[int] = None,
+        probe_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         if reweight not in ("sigmoid", "linear"):
@@ -222,6 +225,7 @@ class SSNI(NoiseLevelPolicy):
         self.batch_joined = bool(batch_joined)
         self.differentiable = bool(differentiable)
         self.chunk_size = chunk_size
+        self.probe_size = None if not probe_size else int(probe_size)
         nan = torch.tensor(float("nan"))
         self.register_buffer("norm_mean", nan.clone())
         self.register_buffer("norm_std", nan.clone())
@@ -236,6 +240,7 @@ class SSNI(NoiseLevelPolicy):
         return (
             f"reweight={self.reweight!r}, t_star={self.t_star}, tau={self.tau}, bias={self.bias}, "
             f"levels={self.probe_levels}, batch_joined={self.batch_joined}, "
+            f"{f'probe_size={self.probe_size}, ' if self.probe_size else ''}"
             f"differentiable={self.differentiable}, fitted={self.fitted}"
         )
 
@@ -249,8 +254,12 @@ class SSNI(NoiseLevelPolicy):
         return min(1.0, self.t_star + self.bias)
 
     def score_norm(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """``(B,)`` EPS norms of images ``x`` in [0, 1]."""
+        """``(B,)`` EPS norms of images ``x`` in [0, 1] (resized to ``probe_size`` if set)."""
         check_images(x)
+        if self.probe_size and tuple(x.shape[-2:]) != (self.probe_size, self.probe_size):
+            x = torch.nn.functional.interpolate(
+                x, size=(self.probe_size, self.probe_size), mode="bilinear", align_corners=False
+            )
         check_model_input(x, self.model, "score model")
         return eps_score_norm(
             self.model,

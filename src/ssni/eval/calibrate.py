@@ -84,6 +84,7 @@ def policy_state(policy: NoiseLevelPolicy) -> Dict[str, Any]:
             "bias": policy.bias,
             "levels": policy.probe_levels,
             "batch_joined": policy.batch_joined,
+            **({"probe_size": policy.probe_size} if policy.probe_size else {}),
             "statistics": policy.statistics(),
         }
     if isinstance(policy, LearnedPolicy):
@@ -185,6 +186,7 @@ def load_policy(
         bias=float(doc.get("bias", 0.0)),
         probe_levels=int(doc.get("levels", 20)),
         batch_joined=bool(doc.get("batch_joined", False)),
+        probe_size=doc.get("probe_size"),
         chunk_size=chunk_size,
     )
     stats = doc.get("statistics")

@@ -112,11 +112,6 @@ class ResizedPurifier(Purifier):
         self.purifier = purifier
         self.size = size
 
-    @property
-    def model(self):
-        """The wrapped purifier's score model."""
-        return self.purifier.model
-
     def extra_repr(self) -> str:
         return f"size={self.size}"
 
