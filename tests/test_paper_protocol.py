@@ -39,13 +39,13 @@ def test_pgd_l2_sign_step_equals_the_reference_update():
     x = torch.rand(6, 3, 8, 8, generator=_g(0)) * 0.8 + 0.1
     y = torch.arange(6) % 10
     threat = ThreatModel("L2", 0.5)
-    ours = PGD(threat, steps=5, step_size=0.007 * 4, eot=1, l2_step="sign")(model, x, y)
+    ours = PGD(threat, iterations=5, step_size=0.007 * 4, eot=1, l2_step="sign")(model, x, y)
     ref = _reference_l2_pgd(model, x, y, 0.5, 0.007 * 4, 5)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     # 5 sign steps of 0.028 on 192 pixels reach the edge of the ball (0.028 * sqrt(192) = 0.39)
     assert (threat.distance(ours, x) > 0.49).all()
     # the textbook step moves 0.028 per step in L2 length: far from the edge, and not the same
-    textbook = PGD(threat, steps=5, step_size=0.007 * 4, eot=1)(model, x, y)
+    textbook = PGD(threat, iterations=5, step_size=0.007 * 4, eot=1)(model, x, y)
     assert (threat.distance(textbook, x) <= 5 * 0.028 + 1e-5).all()
     assert PGD(threat).l2_step == "normalized"
     with pytest.raises(ValueError, match="l2_step"):
@@ -192,7 +192,7 @@ def test_records_hold_the_level_each_prediction_used(votes):
     defense = ssni.Defense(_LevelClassifier(), _LevelImage(), _RandomLevel())
     x = torch.rand(12, 1, 4, 4, generator=_g(0))
     y = torch.zeros(12, dtype=torch.long)
-    attack = PGD(ThreatModel("Linf", 0.01), steps=1, eot=1)
+    attack = PGD(ThreatModel("Linf", 0.01), iterations=1, eot=1)
     report = ssni.evaluate(
         defense, attack, (x, y), seeds=[5], votes=votes, batch_size=6, sanity_checks=False
     )
@@ -208,8 +208,8 @@ def test_defense_run_reports_the_score_norm_behind_t():
     from _models import gaussian_images, tiny_eps_model
 
     score = tiny_eps_model(1)
-    policy = ssni.SSNI(score, t_star=0.1, levels=4).fit([gaussian_images(16, seed=5)], _g(0))
-    defense = ssni.Defense(TinyClassifier(), ssni.DiffPure(score, steps=2), policy)
+    policy = ssni.SSNI(score, t_star=0.1, probe_levels=4).fit([gaussian_images(16, seed=5)], _g(0))
+    defense = ssni.Defense(TinyClassifier(), ssni.DiffPure(score, reverse_steps=2), policy)
     x = gaussian_images(4, seed=9)
     out = defense.run(x, generator=_g(3))
     t, e = policy.levels_and_norms(x, generator=_g(3))
@@ -247,12 +247,12 @@ def test_apgd_with_surrogate_estimator_chooses_on_the_real_model():
     x = torch.full((3, 1, 4, 4), 0.5)
     y = torch.zeros(3, dtype=torch.long)  # CE of class 0: lowest at x0 for the real model
     real = _PeakAtStart(x)
-    apgd = APGD(ThreatModel("Linf", 0.1), steps=8, random_start=False,
+    apgd = APGD(ThreatModel("Linf", 0.1), iterations=8, random_start=False,
                 gradient=Surrogate(_AwayFromStart(), n=1))
     out = apgd(real, x, y)
     # on the surrogate every step raises the loss; on the real model none does: the start wins
     torch.testing.assert_close(out, x)
-    on_surrogate = APGD(ThreatModel("Linf", 0.1), steps=8, random_start=False, eot=1)
+    on_surrogate = APGD(ThreatModel("Linf", 0.1), iterations=8, random_start=False, eot=1)
     assert (on_surrogate(_AwayFromStart(), x, y) - x).abs().max() > 0.05
 
 
