@@ -280,3 +280,10 @@ def test_readme_states_the_measured_schedule_agreement():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert f"most {float(diff.max()):.1e}".replace("e-04", "e-4") in readme
     assert f"`t = {float(t[diff.argmax()]):.3f}`" in readme
+
+
+def test_paper_presets_share_one_level_per_gradient_estimate():
+    rows = [n for n in config_mod.list_presets() if n.startswith(("cifar10-", "imagenet-"))]
+    assert len(rows) == 30
+    for name in rows:
+        assert config_mod.load_config(name).eot_share_t, name
