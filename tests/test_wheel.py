@@ -39,8 +39,10 @@ def test_wheel_installs_and_evaluates_from_another_folder(tmp_path, fashion_mnis
     # through a path file, never the sources of this checkout
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path)
+    # --ignore-installed: without it pip uninstalls the ssni of the running environment (the
+    # developer's editable install) before installing into the prefix
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-          "--prefix", venv, wheel], cwd=tmp_path)
+          "--ignore-installed", "--prefix", venv, wheel], cwd=tmp_path)
     python = venv / "bin" / "python"
     site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                      cwd=tmp_path).strip())
