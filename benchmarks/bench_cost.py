@@ -18,6 +18,9 @@ accuracy are over all ``--n`` images. ``--attack`` then times one PGD iteration 
 interleaved repeats), for constant and SSNI-N, with the old estimator (passes one after the
 other, the probe re-run in every pass as one un-chunked call) and the new one (passes batched to
 ``--max-batch`` images per call, one shared probe per gradient estimate, probe chunked).
+``--batch-scaling`` times one score-network call per image at batch sizes 1-128 and records how
+many images SSNI-N's reverse loop has active at each step, which shows how much of SSNI's higher
+cost per network evaluation comes from its partial batches.
 
 Results are appended to ``--cache`` (JSON lines) as they are measured, so a run can be split
 into short invocations (``--t-star 0.1``, then ``--t-star 0.3``, ``--attack``) and the table is
@@ -27,6 +30,7 @@ Usage::
 
     nice -n 5 python benchmarks/bench_cost.py --t-star 0.1 --threads 2
     nice -n 5 python benchmarks/bench_cost.py --attack --threads 2
+    nice -n 5 python benchmarks/bench_cost.py --batch-scaling --threads 2
     python benchmarks/bench_cost.py --report
 """
 
@@ -205,6 +209,86 @@ def measure_attack(args, cache: Path) -> None:
                   flush=True)
 
 
+def measure_scaling(args, cache: Path) -> None:
+    """Seconds per image of one score-network call at several batch sizes (interleaved repeats),
+    and the active-batch profile of SSNI-N's reverse loop on the first ``--batch`` images."""
+    model, classifier, x, y, stats = _load(args)
+    done = {(r["repeat"], r["size"]) for r in _cache_rows(cache) if r.get("part") == "scaling"}
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= x.shape[0]]
+    label = torch.full((max(sizes),), 0.05)
+    for rep in range(args.scaling_repeats):
+        order = sizes[rep % len(sizes):] + sizes[: rep % len(sizes)]
+        for size in order:
+            if (rep, size) in done:
+                continue
+            xb = to_model_space(x[:size])
+            calls = max(1, 128 // size)  # about 128 images per measurement
+            with torch.no_grad():
+                model.eps(xb, label[:size])  # warm-up at this shape
+                start = time.perf_counter()
+                for _ in range(calls):
+                    model.eps(xb, label[:size])
+                wall = time.perf_counter() - start
+            row = {"part": "scaling", "repeat": rep, "size": size, "wall": wall,
+                   "images": size * calls, "load": os.getloadavg()[0],
+                   "threads": torch.get_num_threads()}
+            _append(cache, row)
+            print(f"scaling repeat {rep} batch {size:4d}: {1000 * wall / row['images']:.2f} "
+                  f"ms/image (load {row['load']:.1f})", flush=True)
+    if not any(r.get("part") == "profile" for r in _cache_rows(cache)):
+        xb = x[: args.batch]
+        for t_star in args.t_star:
+            pol = _policies(model, t_star, args.levels, stats)["SSNI-N"]
+            with torch.no_grad():
+                t = pol(xb, generator=torch.Generator().manual_seed(1000))
+            own = torch.round(t * model.schedule.num_steps).long()
+            top = round(pol.max_level * model.schedule.num_steps)
+            active = [int((own >= k).sum()) for k in range(top, 0, -1)]
+            _append(cache, {"part": "profile", "t_star": t_star, "batch": int(xb.shape[0]),
+                            "active": active, "load": os.getloadavg()[0],
+                            "threads": torch.get_num_threads()})
+
+
+def _scaling_report(rows) -> None:
+    scal = [r for r in rows if r.get("part") == "scaling"]
+    if not scal:
+        return
+    per = {}
+    for r in scal:
+        per.setdefault(r["size"], []).append(r["wall"] / r["images"])
+    ms = {s: 1000 * _median(v) for s, v in sorted(per.items())}
+    reps = len({r["repeat"] for r in scal})
+    print(f"\nscore network, seconds per image of one call by batch size ({reps} interleaved "
+          "repeats, median):")
+    print("  " + "  ".join(f"{s}: {v:.2f} ms" for s, v in ms.items()))
+    sizes = sorted(ms)
+
+    def cost(n: int) -> float:  # ms per call of n images, interpolated on the measured sizes
+        if n <= 0:
+            return 0.0
+        lo = max([s for s in sizes if s <= n] or [sizes[0]])
+        hi = min([s for s in sizes if s >= n] or [sizes[-1]])
+        if hi == lo:
+            return ms[lo] * n
+        w = (n - lo) / (hi - lo)
+        return ((1 - w) * ms[lo] + w * ms[hi]) * n
+
+    for r in (r for r in rows if r.get("part") == "profile"):
+        active, b = r["active"], r["batch"]
+        evals = sum(active)
+        if not evals:
+            continue
+        ssni_ms = sum(cost(n) for n in active)
+        const_ms = len(active) * cost(b)
+        inflation = (ssni_ms / evals) / (const_ms / (len(active) * b))
+        print(f"  t* = {r['t_star']}: SSNI-N's reverse loop on {b} clean images runs "
+              f"{evals / b:.1f} steps per image in calls of {min(a for a in active if a)}-"
+              f"{max(active)} images; at the measured per-call costs each of its network "
+              f"evaluations costs {inflation:.2f}x one of constant's full-batch calls, and the "
+              f"loop takes {ssni_ms / const_ms:.2f}x constant's time for "
+              f"{evals / (len(active) * b):.2f}x its evaluations")
+
+
 def _median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -247,6 +331,7 @@ def report(cache: Path) -> None:
                 spread = [by[(b, num)]["wall"] / by[(b, den)]["wall"] for b in full]
                 print(f"  {num}/{den}: network evaluations {calls:.2f}, wall time {wall:.2f} "
                       f"(per batch {min(spread):.2f}-{max(spread):.2f})")
+    _scaling_report(rows)
     att = [r for r in rows if r.get("part") == "attack"]
     if att:
         r0 = att[0]
@@ -284,6 +369,9 @@ def main() -> None:
     parser.add_argument("--attack-n", type=int, default=16)
     parser.add_argument("--attack-repeats", type=int, default=3)
     parser.add_argument("--attack-t-star", type=float, default=0.1)
+    parser.add_argument("--batch-scaling", action="store_true",
+                        help="time one network call per batch size; SSNI-N's active batches")
+    parser.add_argument("--scaling-repeats", type=int, default=5)
     parser.add_argument("--eot", type=int, default=20)
     parser.add_argument("--surrogate-steps", type=int, default=3)
     parser.add_argument("--max-batch", type=int, default=64)
@@ -297,6 +385,8 @@ def main() -> None:
     if not args.report:
         if args.attack:
             measure_attack(args, cache)
+        elif args.batch_scaling:
+            measure_scaling(args, cache)
         else:
             measure_clean(args, cache)
     report(cache)
