@@ -9,7 +9,11 @@ Rows:
 * an attack the learned policy never saw in training (PGD-EOT L2, eps 1.5), for the four policies;
 * the adaptive attack through the policy (``adaptive_t=true``: the attack differentiates through
   ``t(x)``: the EPS norm for SSNI-N/L, the learned network for SSNI-Learned, straight-through
-  rounding), for the three sample-specific policies.
+  rounding), for the three sample-specific policies;
+* the constrained low-norm attack (``attack=constrained``, :class:`ssni.attacks.TwoPhase`: first
+  lower ``e(x)`` below the clean 90th percentile of the policy's clean statistics, then the
+  surrogate PGD-EOT Linf attack with a hinge keeping it there), for the three sample-specific
+  policies (the learned one needs a policy file with clean statistics).
 
 ``--summary`` (also written at the end of a run) reads the ``report.json`` files only and prints
 a markdown table: clean and robust accuracy, mean +- std over the seeds that finished, mean t of
@@ -33,6 +37,7 @@ from typing import Dict, List, Optional, Tuple
 BASE = "fmnist-diffpure"
 L2 = ["norm=l2", "eps=1.5", "step_size=0.4"]
 ADAPTIVE = ["adaptive_t=true"]
+CONSTRAINED = ["attack=constrained"]
 
 #: name -> (preset, overrides, label)
 ROWS: Dict[str, Tuple[str, List[str], str]] = {
@@ -43,6 +48,9 @@ ROWS: Dict[str, Tuple[str, List[str], str]] = {
     "learned-linf-adaptive": (f"{BASE}-ssni-learned-pgd-linf", ADAPTIVE, "SSNI-Learned"),
     "ssni-n-linf-adaptive": (f"{BASE}-ssni-n-pgd-linf", ADAPTIVE, "SSNI-N"),
     "ssni-l-linf-adaptive": (f"{BASE}-ssni-l-pgd-linf", ADAPTIVE, "SSNI-L"),
+    "learned-constrained": (f"{BASE}-ssni-learned-pgd-linf", CONSTRAINED, "SSNI-Learned"),
+    "ssni-n-constrained": (f"{BASE}-ssni-n-pgd-linf", CONSTRAINED, "SSNI-N"),
+    "ssni-l-constrained": (f"{BASE}-ssni-l-pgd-linf", CONSTRAINED, "SSNI-L"),
     "constant-l2": (f"{BASE}-constant-pgd-linf", L2, "constant t*"),
     "ssni-n-l2": (f"{BASE}-ssni-n-pgd-linf", L2, "SSNI-N"),
     "ssni-l-l2": (f"{BASE}-ssni-l-pgd-linf", L2, "SSNI-L"),
@@ -52,11 +60,15 @@ ATTACKS = {
     "linf": "reference: surrogate PGD-EOT Linf 0.1, t(x_adv) recomputed, not differentiated",
     "linf-adaptive": "adaptive: surrogate PGD-EOT Linf 0.1, gradient through t(x)",
     "l2": "unseen in training: surrogate PGD-EOT L2 1.5",
+    "constrained": "constrained: e(x) lowered below the clean p90, then surrogate PGD-EOT Linf "
+    "0.1 with a hinge on e(x)",
 }
 
 
 def _attack_of(row: str) -> str:
-    return "linf-adaptive" if row.endswith("-adaptive") else row.rsplit("-", 1)[1]
+    if row.endswith("-adaptive"):
+        return "linf-adaptive"
+    return row.rsplit("-", 1)[1]
 
 
 def _config(row: str, seed: int, extra: List[str]):

@@ -27,8 +27,9 @@ def _images(n, seed, scale=0.25):
 def _policy(levels=4, bias=0.0, hidden=8, seed=0, **kw):
     model = ssni.GaussianScore(std=0.3)
     policy = ssni.LearnedPolicy(model, t_star=0.1, bias=bias, levels=levels, hidden=hidden, **kw)
-    _, feats = policy_features(policy, _images(32, 1), generator=torch.Generator().manual_seed(0))
+    e, feats = policy_features(policy, _images(32, 1), generator=torch.Generator().manual_seed(0))
     policy.set_feature_statistics(feats)
+    policy.set_statistics(e)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # a non-trivial network
         for p in [policy.e_weight, policy.offset, *policy.rest.parameters()]:
@@ -185,6 +186,12 @@ def test_train_policy_reads_validation_data_only(tmp_path, monkeypatch, capsys, 
     assert doc["policy"] == "ssni-learned" and doc["levels"] == 2
     assert doc["info"]["data"]["split"] == "val" and "train-policy" in doc["info"]["command"]
     assert doc["info"]["training"]["under_weight"] in (1.0, 4.0)
+    # the default learn_t_min = -1 chooses the floor among the table's levels, each attacked
+    training = doc["info"]["training"]
+    assert training["floor_selected"] and training["floors"] == training["grid"]
+    assert doc["t_min"] == training["t_min"] in training["floors"]
+    assert set(training["targets"]["floor_robust"]) == {f"{f:g}" for f in training["floors"]}
+    assert doc["statistics"]["count"] == 8  # clean norms of the validation images
     # a rerun with the same data settings reuses the training data (no data read at all)
     requested.clear()
     assert main(["--quiet", "train-policy", "--preset", ROW, *sets, "--out", str(out)]) == 0
@@ -218,5 +225,201 @@ def test_shipped_learned_policy_loads_through_every_learned_preset():
         assert doc["info"]["command"].startswith("ssni train-policy")
         policy = load_policy(path, ssni.GaussianScore(std=0.3))
         assert policy.fitted and policy.max_level == pytest.approx(cfg.t_star + cfg.bias)
+        # clean norm statistics of its 64 validation images (the constrained attack's target);
+        # trained without a floor, as recorded in its command
+        assert policy.has_statistics and policy.statistics()["count"] == 64
+        assert policy.t_min == 0.0 and "learn_t_min=0" in doc["info"]["command"]
         t = policy(torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
         assert bool((t >= 0).all()) and bool((t <= policy.max_level + 1e-9).all())
+
+
+# --- clean EPS-norm statistics (the constrained attack's target) ------------------------
+def _trained(levels=4, hidden=4, t_min=0.0):
+    """A learned policy trained by train_policy on the synthetic data (statistics included)."""
+    data = _synthetic_data(n=32)
+    policy = ssni.LearnedPolicy(ssni.GaussianScore(std=0.3), t_star=0.1, levels=levels,
+                                hidden=hidden, t_min=t_min)
+    res = train_policy(policy, data, under_weights=(4.0,), steps=50, seed=0)
+    return policy, data, res
+
+
+def test_training_records_the_clean_norm_statistics_of_all_images():
+    policy, data, res = _trained()
+    s = policy.statistics()
+    e = data.e_clean
+    assert s["count"] == e.numel() == 32
+    assert s["mean"] == pytest.approx(float(e.mean()), rel=1e-6)
+    assert s["std"] == pytest.approx(float(e.std()), rel=1e-6)
+    assert (s["min"], s["max"]) == pytest.approx((float(e.min()), float(e.max())), rel=1e-6)
+    assert res.statistics == s
+    # without them (an untrained policy) statistics() says what to do
+    with pytest.raises(RuntimeError, match="train-policy"):
+        ssni.LearnedPolicy(policy.model, levels=3).statistics()
+    with pytest.raises(ValueError):
+        policy.set_statistics(torch.ones(5))
+
+
+def test_statistics_and_floor_round_trip_through_the_policy_file(tmp_path):
+    policy, _, _ = _trained(t_min=0.03)
+    path = save_policy(tmp_path / "p.safetensors", policy)
+    doc = read_policy_file(path)
+    assert doc["statistics"] == policy.statistics() and doc["t_min"] == 0.03
+    loaded = load_policy(path, policy.model)
+    assert loaded.statistics() == policy.statistics()
+    assert loaded.t_min == 0.03 and loaded.min_level == pytest.approx(0.03)
+    x = _images(8, 3)
+    assert torch.equal(policy(x, generator=torch.Generator().manual_seed(1)),
+                       loaded(x, generator=torch.Generator().manual_seed(1)))
+
+
+def test_a_policy_file_without_statistics_or_floor_still_loads(tmp_path):
+    """Files written before the statistics and the floor existed: same levels, no statistics,
+    and a clear refusal from the constrained attack."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ssni.cli import build
+    from ssni.cli.config import ConfigError, RunConfig
+
+    policy, _, _ = _trained()
+    new = save_policy(tmp_path / "new.safetensors", policy)
+    with safe_open(str(new), framework="pt") as f:
+        doc = json.loads(f.metadata()["ssni-policy"])
+    for k in ("statistics", "t_min"):
+        doc.pop(k)
+    tensors = {k: v for k, v in load_file(str(new)).items() if not k.startswith("norm_")}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"ssni-policy": json.dumps(doc)})
+    loaded = load_policy(old, policy.model)
+    assert loaded.t_min == 0.0 and not loaded.has_statistics
+    x = _images(8, 3)
+    assert torch.equal(policy(x, generator=torch.Generator().manual_seed(1)),
+                       loaded(x, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(RuntimeError):
+        loaded.statistics()
+    # a file with only some of the statistics is refused
+    partial = tmp_path / "partial.safetensors"
+    save_file({**tensors, "norm_mean": torch.tensor(1.0)}, str(partial),
+              metadata={"ssni-policy": json.dumps(doc)})
+    with pytest.raises(ValueError, match="do not match"):
+        load_policy(partial, policy.model)
+    defense = ssni.Defense(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)),
+                           ssni.DiffPure(policy.model, reverse_steps=2), loaded)
+    cfg = RunConfig(dataset="digits", policy="ssni-learned", policy_file=str(old),
+                    attack="constrained", gradient="bpda", iterations=1).replace()
+    with pytest.raises(ConfigError, match="statistics"):
+        build.build_attack(cfg, defense)
+
+
+def test_two_phase_runs_on_a_learned_policy_defense():
+    from _models import TinyClassifier, gaussian_images, tiny_eps_model
+    from ssni.attacks import ThreatModel, TwoPhase, clean_norm_target
+    from ssni.cli import build
+    from ssni.cli.config import RunConfig
+
+    score = tiny_eps_model(1)
+    policy = ssni.LearnedPolicy(score, t_star=0.1, levels=3, hidden=4)
+    clean = gaussian_images(32, seed=5)
+    e, feats = policy_features(policy, clean, generator=torch.Generator().manual_seed(0))
+    policy.set_feature_statistics(feats)
+    policy.set_statistics(e)
+    defense = ssni.Defense(TinyClassifier(seed=0), ssni.DiffPure(score, reverse_steps=2), policy)
+    x = gaussian_images(6, seed=7)
+    y = torch.arange(6) % 10
+    threat = ThreatModel("Linf", 0.1)
+    attack = TwoPhase(threat, policy, norm_steps=2, steps=2, step_size=0.03, eot=1)
+    x_adv = attack(defense, x, y, torch.Generator().manual_seed(0))
+    assert x_adv.shape == x.shape and threat.contains(x_adv, x).all()
+    per = attack.last_stats["per_sample"]
+    assert (per["min_norm"] <= per["phase1_norm"] + 1e-6).all()
+    assert attack.target == pytest.approx(clean_norm_target(policy))
+    t = policy(x_adv)
+    assert bool((t >= 0).all()) and bool((t <= policy.max_level + 1e-9).all())
+    # selected by name from the configuration, also with the gradient through t(x)
+    for adaptive in (False, True):
+        cfg = RunConfig(dataset="digits", policy="ssni-learned", policy_file="p.safetensors",
+                        attack="constrained", gradient="bpda", iterations=1, norm_steps=1,
+                        adaptive_t=adaptive).replace()
+        setup = build.build_attack(cfg, defense)
+        assert isinstance(setup.attack, TwoPhase)
+        out = setup.attack(setup.target.gradient, x, y, torch.Generator().manual_seed(0))
+        assert threat.contains(out, x).all()
+
+
+# --- the floor t_min ------------------------
+def test_the_floor_bounds_the_levels_from_below_inside_zero_to_t_star_plus_b():
+    for bias, t_min in ((0.0, 0.0), (0.0, 0.02), (0.025, 0.05), (0.0, 0.1)):
+        policy = _policy(bias=bias, t_min=t_min)
+        assert policy.min_level == pytest.approx(t_min)
+        x = _images(16, 4)
+        for offset in (-50.0, 0.0, 50.0):
+            with torch.no_grad():
+                policy.offset.fill_(offset)
+            t = policy(x)
+            assert bool((t >= t_min - 1e-9).all()) and bool((t <= 0.1 + bias + 1e-9).all())
+            assert bool((t >= 0).all())
+        with torch.no_grad():
+            policy.offset.fill_(-50.0)
+        assert torch.allclose(policy(x), torch.full((16,), t_min), atol=1e-6)
+    with pytest.raises(ValueError):
+        _policy(t_min=0.2)
+    with pytest.raises(ValueError):
+        _policy(t_min=-0.01)
+    # no floor: exactly the level of the policy before the floor existed
+    policy = _policy()
+    feats = policy_features(policy, _images(8, 8))[1].float()
+    assert torch.equal(policy.level_from_features(feats),
+                       torch.sigmoid(policy.logit(feats)) * policy.max_level)
+
+
+def test_fit_policy_raises_targets_to_the_floor_and_a_floor_at_the_ceiling_is_constant():
+    data = _synthetic_data(n=32)
+    t_c, t_a = data.targets(0.1)
+    feats = torch.cat([data.features_clean, data.features_adv])
+    targets = torch.cat([t_c, t_a])
+    adv = torch.cat([torch.zeros(32, dtype=torch.bool), torch.ones(32, dtype=torch.bool)])
+    policy = ssni.LearnedPolicy(ssni.GaussianScore(std=0.3), t_star=0.1, levels=4, hidden=4,
+                                t_min=0.05)
+    policy.set_feature_statistics(data.features_clean)
+    fit_policy(policy, feats, targets, adv, steps=300)
+    with torch.no_grad():
+        t = policy.quantize(policy.level_from_features(data.features_clean))
+    assert bool((t >= 0.05 - 1e-9).all())
+    assert float(t.mean()) < 0.07  # clean targets are 0, raised to the floor 0.05
+    top = ssni.LearnedPolicy(ssni.GaussianScore(std=0.3), t_star=0.1, levels=4, t_min=0.1)
+    top.set_feature_statistics(data.features_clean)
+    assert fit_policy(top, feats, targets, adv, steps=300) == []
+    with torch.no_grad():
+        assert torch.allclose(top.level_from_features(feats).float(), torch.full((64,), 0.1))
+
+
+def test_the_floor_is_chosen_on_validation_by_its_worst_case():
+    """Level 0 looks free on the transfer data (clean images are right there) but an attack
+    aimed at it wins everywhere: no floor 0 is feasible, a positive floor is chosen."""
+    data = _synthetic_data(n=64)
+    n = 64
+    levels = data.grid[data.grid <= 0.1]
+    correct = torch.ones(n, levels.numel(), dtype=torch.bool)
+    correct[:, 0] = False  # the bare classifier loses every image to an attack aimed at it
+    data = data.with_floors(levels, correct)
+    assert data.floor_column(0.05).all() and not data.floor_column(0.0).any()
+    assert data.floor_column(0.033) is None
+    policy = ssni.LearnedPolicy(ssni.GaussianScore(std=0.3), t_star=0.1, levels=4, hidden=4)
+    res = train_policy(policy, data, under_weights=(1.0, 4.0), steps=200, seed=0,
+                       floors=levels.tolist(), min_robust=0.3)
+    assert res.floor_selected and res.floors == levels.tolist()
+    assert res.t_min > 0 and policy.t_min == res.t_min
+    zero_rows = [r for r in res.table if r["t_min"] == 0.0]
+    assert zero_rows and all(r["robust_acc"] == 0.0 and not r["feasible"] for r in zero_rows)
+    assert all("robust_transfer" in r and "robust_floor" in r for r in res.table)
+    assert res.targets["floor_robust"]["0"] == 0.0
+    t = policy(torch.zeros(1, 1, 8, 8))  # any input: never below the chosen floor
+    assert float(t.min()) >= res.t_min - 1e-9
+    # without floors the policy's own floor is kept (no floor measurements needed)
+    plain = ssni.LearnedPolicy(ssni.GaussianScore(std=0.3), t_star=0.1, levels=4, hidden=4)
+    res0 = train_policy(plain, _synthetic_data(n=64), under_weights=(4.0,), steps=50)
+    assert res0.t_min == 0.0 and not res0.floor_selected
+    with pytest.raises(ValueError, match="floor"):
+        train_policy(plain, _synthetic_data(n=64), under_weights=(4.0,), steps=50, floors=[0.0])

@@ -90,7 +90,8 @@ class TwoPhase(Attack):
 
     Args:
         threat: the :class:`ThreatModel`.
-        policy: the defense's fitted :class:`ssni.SSNI` policy (probe and clean statistics).
+        policy: the defense's fitted :class:`ssni.SSNI` or :class:`ssni.LearnedPolicy` (probe
+            ``score_norm`` and clean ``statistics()``).
         target: norm threshold (None: the clean ``quantile`` of :func:`clean_norm_target`).
         quantile: clean quantile of the default target (0.9).
         norm_steps: phase-1 iterations (probe gradients only, no purification).

@@ -50,7 +50,8 @@ class NormPenaltyLoss:
     adapt it per sample). After each call ``last_norm`` holds the detached ``(B,)`` norms.
 
     Args:
-        policy: a fitted :class:`ssni.SSNI` policy (its probe ``score_norm`` and statistics).
+        policy: a fitted :class:`ssni.SSNI` or :class:`ssni.LearnedPolicy` (its probe
+            ``score_norm`` and clean ``statistics()``).
         target: norm threshold in raw units (None: :func:`clean_norm_target` of ``quantile``).
         lam: penalty weight >= 0.
         base: classification loss (default cross-entropy).

@@ -424,8 +424,22 @@ def build_attack(
         estimator = attacks.Surrogate(surrogate, n=n_eot, **eot_opts)
     if adaptive and cfg.gradient != "surrogate":
         gradient_model = gradient_model.relaxed()
-    if cfg.attack in ("constrained", "clean-levels") and not isinstance(defense.policy, SSNI):
-        raise ConfigError("attack", f"{cfg.attack} needs a defense with an SSNI policy")
+    if cfg.attack in ("constrained", "clean-levels") and not isinstance(
+        defense.policy, (SSNI, LearnedPolicy)
+    ):
+        raise ConfigError(
+            "attack", f"{cfg.attack} needs a defense with an SSNI or learned policy"
+        )
+    if (
+        cfg.attack == "constrained"
+        and isinstance(defense.policy, LearnedPolicy)
+        and not defense.policy.has_statistics
+    ):
+        raise ConfigError(
+            "policy_file",
+            "the constrained attack needs the learned policy's clean EPS-norm statistics, which "
+            "this policy file predates; retrain it with `ssni train-policy`",
+        )
     if cfg.attack == "clean-levels":
         # transfer: gradients of the defense run at levels drawn from the clean t(x) histogram
         x_levels, _ = heldout_images(cfg, cfg.level_n)

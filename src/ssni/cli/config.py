@@ -161,6 +161,9 @@ class RunConfig:
     learn_select_fraction: float = 0.5  # share of the images that choose the weight
     learn_hidden: int = 16
     learn_steps: int = 1000
+    # floor of the learned levels: -1 chooses it on validation among the table's levels, each
+    # measured under an attack aimed at the constant defense at that level; >= 0 fixes it
+    learn_t_min: float = -1.0
     # -- per-sample optimal-t analysis (ssni analyze-t)
     t_grid: List[float] = field(
         default_factory=lambda: [0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3]
@@ -458,6 +461,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     _require(cfg.learn_hidden >= 0, "learn_hidden", f"must be >= 0, got {cfg.learn_hidden}")
     _require(cfg.learn_steps >= 1, "learn_steps", f"must be >= 1, got {cfg.learn_steps}")
+    _require(
+        cfg.learn_t_min == -1.0 or 0.0 <= cfg.learn_t_min <= min(1.0, cfg.t_star + cfg.bias),
+        "learn_t_min",
+        f"must be -1 (chosen on validation) or in [0, t_star + bias], got {cfg.learn_t_min}",
+    )
     _require(len(cfg.t_grid) >= 1, "t_grid", "needs at least one level")
     for t in cfg.t_grid:
         _require(0.0 < t <= 1.0, "t_grid", f"every level must be in (0, 1], got {t}")

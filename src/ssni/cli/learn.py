@@ -4,7 +4,10 @@ Reads ``learn_n`` validation images (never the test split), crafts adversarial v
 cheap attack against the constant-``t*`` defense (``calib_iterations``, ``calib_eot``), builds the
 probe features and the correctness table over ``[0, t* + b]`` (spacing ``learn_resolution``,
 ``learn_votes`` draws per entry), chooses the under-noising weight among ``learn_weights`` on a
-held-out share and trains :class:`ssni.LearnedPolicy` (see :mod:`ssni.eval.learn`). Writes the
+held-out share and trains :class:`ssni.LearnedPolicy` (see :mod:`ssni.eval.learn`). With
+``learn_t_min = -1`` (the default) it also chooses the policy's floor ``t_min`` among the table's
+levels: each candidate level is attacked directly (the same cheap attack against the constant
+defense at that level) and a floor counts only what survives that attack. Writes the
 policy file (safetensors with JSON metadata: settings, training result, data, command), the
 training data (``data.pt``, reused by a rerun with the same data settings) and
 ``training.json``/``training.md``.
@@ -45,12 +48,19 @@ def _data_key(cfg) -> str:
 
 @locks_out
 def cmd_train_policy(args) -> int:
+    from ..attacks.levels import at_levels
     from ..core.defense import Defense
     from ..core.learned import LearnedPolicy
     from ..core.policies import Constant
     from ..eval import reports
     from ..eval.calibrate import save_policy
-    from ..eval.learn import PolicyData, policy_data, train_policy
+    from ..eval.learn import (
+        PolicyData,
+        floor_candidates,
+        floor_correctness,
+        policy_data,
+        train_policy,
+    )
     from ..io.files import replacing, write_text_atomic
     from . import build
     from .config import load_config
@@ -66,8 +76,10 @@ def cmd_train_policy(args) -> int:
     classifier = build.build_classifier(cfg)
     purifier = build.build_purifier(cfg, model)
     dev = cfg.device
+    choose_floor = cfg.learn_t_min < 0
     policy = LearnedPolicy(
-        model, t_star=cfg.t_star, bias=cfg.bias, levels=cfg.levels, hidden=cfg.learn_hidden
+        model, t_star=cfg.t_star, bias=cfg.bias, levels=cfg.levels, hidden=cfg.learn_hidden,
+        t_min=0.0 if choose_floor else cfg.learn_t_min,
     ).to(dev)
     key = _data_key(cfg)
     cache = out / "data.pt"
@@ -78,6 +90,7 @@ def cmd_train_policy(args) -> int:
         if doc.get("key") == key:
             data = PolicyData(**doc["data"])
             attack_desc = doc.get("attack")
+    x = y = None
     if data is None:
         # the validation split only: the learned policy never sees test images
         x, y = build.load_images(cfg, "val", cfg.learn_n, cfg.subset_seed)
@@ -98,6 +111,33 @@ def cmd_train_policy(args) -> int:
         bar.close()
         with replacing(cache) as tmp:
             torch.save({"key": key, "attack": attack_desc, "data": data.to_dict()}, tmp)
+    floors = floor_candidates(data, policy) if choose_floor else None
+    todo = [f for f in (floors or []) if data.floor_column(f) is None]
+    if todo:
+        # each candidate floor under the same cheap attack aimed at the constant defense at
+        # that level (t*: the training attack itself, its column of the table)
+        if x is None:
+            x, y = build.load_images(cfg, "val", cfg.learn_n, cfg.subset_seed)
+            x, y = x.to(dev), y.to(dev)
+        t_col = int((data.grid - cfg.t_star).abs().argmin())
+        cols = []
+        bar = Progress(x.shape[0] * len(todo), "attack (candidate floors)", quiet(args))
+        for level in todo:
+            if abs(level - float(data.grid[t_col])) < 1e-9:
+                cols.append(data.table_adv[:, t_col].bool().cpu())
+                bar(x.shape[0])
+                continue
+            gen = seeded_generator(cfg.seeds[0], dev)
+            at = at_levels(Defense(classifier, purifier, Constant(cfg.t_star)), [level])
+            setup = build.build_attack(cfg, at, iterations=cfg.calib_iterations,
+                                       eot=cfg.calib_eot)
+            x_f = craft(setup, x, y, cfg, gen, bar)
+            cols.append(floor_correctness(classifier, purifier, x_f, y, level,
+                                          batch_size=cfg.batch_size, generator=gen))
+        bar.close()
+        data = data.with_floors(torch.tensor(todo, dtype=torch.float64), torch.stack(cols, 1))
+        with replacing(cache) as tmp:
+            torch.save({"key": key, "attack": attack_desc, "data": data.to_dict()}, tmp)
     result = train_policy(
         policy,
         data,
@@ -108,6 +148,7 @@ def cmd_train_policy(args) -> int:
         weight=cfg.calib_weight,
         steps=cfg.learn_steps,
         seed=cfg.seeds[0],
+        floors=floors,
     )
     seconds = time.perf_counter() - start
     policy_path = Path(args.policy_out) if args.policy_out else out / "policy.safetensors"
@@ -147,13 +188,28 @@ def _markdown(cfg, result, attack_desc) -> str:
     def pct(v):
         return f"{100 * v:.1f}"
 
+    def cell(r, k):
+        return pct(r[k]) if k in r else "-"
+
     rows = "\n".join(
-        f"| {r['under_weight']:g} | {pct(r['clean_acc'])} | {pct(r['robust_acc'])} | "
+        f"| {1000 * r.get('t_min', 0.0):g} | {r['under_weight']:g} | {pct(r['clean_acc'])} | "
+        f"{pct(r['robust_acc'])} | {cell(r, 'robust_transfer')} | {cell(r, 'robust_floor')} | "
         f"{1000 * r['mean_t_clean']:.1f} | {1000 * r['mean_t_adv']:.1f} | "
-        f"{'yes' if r['feasible'] else 'no'} |"
+        f"{cell(r, 'at_floor_clean')} | {'yes' if r['feasible'] else 'no'} |"
         for r in result.table
     )
     tg = result.targets
+    if result.floor_selected:
+        fr = ", ".join(f"{1000 * float(k):g}: {pct(v)} %" for k, v in tg["floor_robust"].items())
+        floor_text = (
+            f"Floor chosen together with the weight among levels "
+            f"{', '.join(f'{1000 * f:g}' for f in result.floors)} (x 1/1000); robust accuracy "
+            f"of the constant defense at each level under the same attack aimed at it ({fr}, "
+            "all images). A row's robust accuracy is the per-image worst case of the transfer "
+            "attack at the policy's level and the attack aimed at its floor.\n\n"
+        )
+    else:
+        floor_text = f"Floor fixed at {1000 * result.t_min:g}/1000 (learn_t_min).\n\n"
     return (
         f"# Learned policy ({cfg.name}), t* = {cfg.t_star:g}, b = {cfg.bias:g}\n\n"
         f"{cfg.learn_n} validation images and adversarial versions ({attack_desc}); "
@@ -163,12 +219,15 @@ def _markdown(cfg, result, attack_desc) -> str:
         f"{1000 * tg['mean_adv']:.1f}; clean right nowhere {pct(tg['clean_right_nowhere'])} %, "
         f"adversarial right nowhere {pct(tg['adv_right_nowhere'])} %, clean right without "
         f"purification {pct(tg['clean_at_zero'])} %.\n\n"
-        f"Choosing the under-noising weight on {result.n_select} held-out images "
+        + floor_text
+        + f"Choosing on {result.n_select} held-out images "
         f"(trained on {result.n_fit}); constant t*: clean {pct(result.baseline['clean_acc'])} %, "
         f"robust {pct(result.baseline['robust_acc'])} %\n\n"
-        "| weight | clean acc (%) | robust acc (%) | mean t clean | mean t adv | feasible |\n"
-        "|---:|---:|---:|---:|---:|---|\n" + rows + "\n\n"
-        f"chosen weight {result.under_weight:g} ({result.objective}); retrained on all "
+        "| floor | weight | clean acc (%) | robust acc (%) | robust, transfer (%) | "
+        "robust, at floor (%) | mean t clean | mean t adv | clean at floor (%) | feasible |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n" + rows + "\n\n"
+        f"chosen floor {1000 * result.t_min:g}/1000, weight {result.under_weight:g} "
+        f"({result.objective}); retrained on all "
         f"{result.n_fit + result.n_select} images: clean {pct(result.final['clean_acc'])} %, "
         f"robust {pct(result.final['robust_acc'])} % (training images, read off the table)\n"
     )

@@ -12,12 +12,22 @@ it to the level with a small network trained on validation data (``ssni train-po
 
 Features are standardised with the mean/std of clean validation images (buffers). The level is
 
-    ``t = (t* + b) sigmoid(softplus(a) z_e + g(z_rest) + c)``
+    ``t = t_min + (t* + b - t_min) sigmoid(softplus(a) z_e + g(z_rest) + c)``
 
 with ``z_e`` the standardised ``log e(x)`` and ``g`` a one-hidden-layer MLP on the other
-features: ``t`` lies in ``[0, t* + b]`` and is non-decreasing in ``e(x)`` when the other features
-are held fixed. Levels are rounded to the schedule's ``1 / N`` grid (straight-through when
-``differentiable=True``, so that adaptive attacks differentiate through ``t(x)``).
+features: ``t`` lies in ``[t_min, t* + b]`` (a subset of ``[0, t* + b]``) and is non-decreasing in
+``e(x)`` when the other features are held fixed. Levels are rounded to the schedule's ``1 / N``
+grid (straight-through when ``differentiable=True``, so that adaptive attacks differentiate
+through ``t(x)``).
+
+The floor ``t_min`` (default 0) is the level no input goes below. At ``t = 0`` the defense is the
+bare classifier, so an attacker who can make an input look clean to the policy attacks an
+undefended model; ``ssni train-policy`` chooses the floor on validation data (see
+:mod:`ssni.eval.learn`).
+
+Like :class:`~ssni.core.policies.SSNI`, the policy also holds the mean/std/min/max of the EPS norm
+of the clean validation images it was trained on (:meth:`LearnedPolicy.statistics`), the target
+of the constrained low-norm attack (:class:`ssni.attacks.TwoPhase`).
 """
 
 from __future__ import annotations
@@ -62,7 +72,8 @@ class LearnedPolicy(NoiseLevelPolicy):
     Args:
         model: score model of the EPS probe.
         t_star: base level ``t*`` (0.1 = 100 of 1000 steps).
-        bias: ``b``; levels lie in ``[0, min(1, t* + b)]``.
+        bias: ``b``; levels lie in ``[t_min, min(1, t* + b)]``.
+        t_min: floor of the levels (0: none), at most ``t* + b``; rounded up to the grid.
         levels: K, perturbation levels of the probe.
         hidden: width of the MLP on the non-``e`` features (0: a linear map).
         differentiable: keep the graph through the probe and the network and round
@@ -81,6 +92,7 @@ class LearnedPolicy(NoiseLevelPolicy):
         hidden: int = 16,
         differentiable: bool = False,
         chunk_size: Optional[int] = None,
+        t_min: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 < t_star <= 1.0:
@@ -91,6 +103,8 @@ class LearnedPolicy(NoiseLevelPolicy):
             raise ValueError(f"levels must be >= 1, got {levels}")
         if hidden < 0:
             raise ValueError(f"hidden must be >= 0, got {hidden}")
+        if not 0.0 <= t_min <= min(1.0, t_star + bias) + 1e-12:
+            raise ValueError(f"t_min must be in [0, t_star + bias], got {t_min}")
         self.model = model
         self.t_star = float(t_star)
         self.bias = float(bias)
@@ -98,9 +112,17 @@ class LearnedPolicy(NoiseLevelPolicy):
         self.hidden = int(hidden)
         self.differentiable = bool(differentiable)
         self.chunk_size = chunk_size
+        self.t_min = float(t_min)
         n_feat = self.levels + 3
         self.register_buffer("feature_mean", torch.full((n_feat,), float("nan")))
         self.register_buffer("feature_std", torch.full((n_feat,), float("nan")))
+        # clean EPS-norm statistics (as SSNI's): the constrained attack's target, not the level
+        nan = torch.tensor(float("nan"))
+        self.register_buffer("norm_mean", nan.clone())
+        self.register_buffer("norm_std", nan.clone())
+        self.register_buffer("norm_min", nan.clone())
+        self.register_buffer("norm_max", nan.clone())
+        self.register_buffer("norm_count", torch.tensor(0, dtype=torch.long))
         # softplus(e_weight) > 0: t is non-decreasing in e(x) with the other features fixed
         self.e_weight = nn.Parameter(torch.tensor(math.log(math.expm1(1.0))))
         self.offset = nn.Parameter(torch.zeros(()))
@@ -115,7 +137,7 @@ class LearnedPolicy(NoiseLevelPolicy):
 
     def extra_repr(self) -> str:
         return (
-            f"t_star={self.t_star}, bias={self.bias}, levels={self.levels}, "
+            f"t_star={self.t_star}, bias={self.bias}, t_min={self.t_min}, levels={self.levels}, "
             f"hidden={self.hidden}, differentiable={self.differentiable}, fitted={self.fitted}"
         )
 
@@ -130,6 +152,50 @@ class LearnedPolicy(NoiseLevelPolicy):
         """Largest level the policy can return, ``min(1, t* + b)`` on the ``1 / N`` grid."""
         n = self.model.schedule.num_steps
         return math.floor(min(1.0, self.t_star + self.bias) * n + 1e-9) / n
+
+    @property
+    def min_level(self) -> float:
+        """Smallest level the policy can return: ``t_min`` rounded up to the ``1 / N`` grid
+        (at most :attr:`max_level`)."""
+        n = self.model.schedule.num_steps
+        return min(math.ceil(self.t_min * n - 1e-9) / n, self.max_level)
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether the clean EPS-norm statistics are set (files written before they were
+        recorded have none)."""
+        return int(self.norm_count) > 1 and bool(torch.isfinite(self.norm_std))
+
+    def statistics(self) -> dict:
+        """The clean EPS-norm statistics (``mean``, ``std``, ``min``, ``max``, ``count``) of the
+        validation images the policy was trained on, as plain floats (as
+        :meth:`ssni.SSNI.statistics`)."""
+        if not self.has_statistics:
+            raise RuntimeError(
+                "this LearnedPolicy has no clean EPS-norm statistics (a policy file written "
+                "before they were recorded): retrain it with `ssni train-policy`"
+            )
+        return {
+            "mean": float(self.norm_mean),
+            "std": float(self.norm_std),
+            "min": float(self.norm_min),
+            "max": float(self.norm_max),
+            "count": int(self.norm_count),
+        }
+
+    def set_statistics(self, norms: Tensor) -> None:
+        """Set the clean statistics from a 1-D tensor of clean EPS norms (at least two, finite,
+        not all equal)."""
+        e = norms.detach().double().flatten()
+        if e.numel() < 2 or not bool(torch.isfinite(e).all()) or float(e.std()) == 0.0:
+            raise ValueError(
+                f"clean statistics need >= 2 finite, not all equal norms, got {e.tolist()[:4]}..."
+            )
+        self.norm_mean.fill_(float(e.mean()))
+        self.norm_std.fill_(float(e.std()))
+        self.norm_min.fill_(float(e.min()))
+        self.norm_max.fill_(float(e.max()))
+        self.norm_count.fill_(e.numel())
 
     def set_feature_statistics(self, features: Tensor) -> None:
         """Standardise with the mean/std of raw features ``(N, K + 3)`` of clean images."""
@@ -170,13 +236,14 @@ class LearnedPolicy(NoiseLevelPolicy):
         return F.softplus(self.e_weight) * z[:, 0] + self.rest(z[:, 1:]).squeeze(1) + self.offset
 
     def level_from_features(self, features: Tensor) -> Tensor:
-        """Unrounded level ``(B,)`` in ``[0, t* + b]`` (differentiable in the features)."""
-        return (torch.sigmoid(self.logit(features)) * self.max_level).to(features.dtype)
+        """Unrounded level ``(B,)`` in ``[t_min, t* + b]`` (differentiable in the features)."""
+        lo, hi = self.min_level, self.max_level
+        return (lo + torch.sigmoid(self.logit(features)) * (hi - lo)).to(features.dtype)
 
     def quantize(self, t: Tensor) -> Tensor:
-        """Round to the schedule's ``1 / N`` grid inside ``[0, max_level]``; straight-through
-        when differentiable."""
-        t_round = self.model.schedule.quantize(t.detach()).clamp(0.0, self.max_level)
+        """Round to the schedule's ``1 / N`` grid inside ``[min_level, max_level]``;
+        straight-through when differentiable."""
+        t_round = self.model.schedule.quantize(t.detach()).clamp(self.min_level, self.max_level)
         if self.differentiable:
             return t + (t_round - t).detach()
         return t_round
@@ -191,5 +258,5 @@ class LearnedPolicy(NoiseLevelPolicy):
             return self.quantize(self.level_from_features(feats)), e
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Levels ``(B,)`` in ``[0, min(1, t* + b)]`` on the ``1 / N`` grid."""
+        """Levels ``(B,)`` in ``[t_min, min(1, t* + b)]`` on the ``1 / N`` grid."""
         return self.levels_and_norms(x, generator=generator)[0]

@@ -94,19 +94,22 @@ def policy_state(policy: NoiseLevelPolicy) -> Dict[str, Any]:
             "policy": "ssni-learned",
             "t_star": policy.t_star,
             "bias": policy.bias,
+            "t_min": policy.t_min,
             "levels": policy.levels,
             "hidden": policy.hidden,
             "features": feature_names(policy.levels),
+            **({"statistics": policy.statistics()} if policy.has_statistics else {}),
         }
     raise ValueError(f"cannot save a {type(policy).__name__} policy")
 
 
 def _learned_tensors(policy: LearnedPolicy) -> Dict[str, Tensor]:
-    """The learned policy's own state (network and feature statistics, not the score model)."""
+    """The learned policy's own state (network, feature statistics and, when set, the clean
+    norm statistics; not the score model)."""
     return {
         k: v.detach().cpu().contiguous()
         for k, v in policy.state_dict().items()
-        if not k.startswith("model.")
+        if not k.startswith("model.") and (policy.has_statistics or not k.startswith("norm_"))
     }
 
 
@@ -223,11 +226,16 @@ def _load_learned(
         levels=int(doc["levels"]),
         hidden=int(doc["hidden"]),
         chunk_size=chunk_size,
+        t_min=float(doc.get("t_min", 0.0)),  # files without a floor: none
     )
     tensors = load_file(str(path))
-    expected = set(_learned_tensors(policy))
-    if set(tensors) != expected:
-        missing = sorted(expected - set(tensors))[:3]
+    expected = {k for k in policy.state_dict() if not k.startswith("model.")}
+    # files written before the clean norm statistics were recorded lack them (statistics()
+    # then asks for a retrained file); everything else must match
+    optional = {k for k in expected if k.startswith("norm_")}
+    partial = bool(optional & set(tensors)) and not optional <= set(tensors)
+    if partial or not (expected - optional <= set(tensors) <= expected):
+        missing = sorted(expected - (set() if partial else optional) - set(tensors))[:3]
         unexpected = sorted(set(tensors) - expected)[:3]
         raise ValueError(
             f"{path}: tensors do not match (missing {missing}, unexpected {unexpected})"
