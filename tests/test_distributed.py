@@ -23,6 +23,7 @@ from ssni.io.lock import LOCK_NAME, folder_lock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cli_helpers import tiny_sets, tiny_weights  # noqa: E402
+from _torchrun import worker  # noqa: E402
 
 ROW = "fmnist-diffpure-ssni-n-pgd-linf"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -118,7 +119,7 @@ def test_killed_rank_resumes_with_one_process(weights, reference, tmp_path):
         assert time.time() < deadline, "rank 1 wrote no sample"
         log1 = out / "log.rank1.jsonl"
         if log1.exists() and '"kind": "sample"' in log1.read_text():
-            victim = _worker(proc.pid, rank=1)
+            victim = worker(proc.pid, rank=1)
         else:
             time.sleep(0.02)
     os.kill(victim, signal.SIGKILL)
@@ -131,24 +132,6 @@ def test_killed_rank_resumes_with_one_process(weights, reference, tmp_path):
     assert {k: after[k] for k in before} == before
     assert after == _samples(reference)
     assert _report(out) == _report(reference)
-
-
-def _worker(parent: int, rank: int) -> int:
-    """Pid of the torchrun worker of ``rank`` under the launcher ``parent``."""
-    for _ in range(200):
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == parent and f"RANK={rank}".encode() in env:
-                return int(entry.name)
-        time.sleep(0.05)
-    raise AssertionError(f"no worker of rank {rank} under {parent}")
 
 
 def _config(folder):
@@ -189,4 +172,5 @@ def test_other_commands_refuse_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["presets"]) == 2
-    assert "only evaluate runs under torchrun" in capsys.readouterr().err
+    assert "only evaluate and study run start under torchrun" in capsys.readouterr().err
+    assert main(["study", "pack", "--out", "x", "--to", "y"]) == 2  # pack and report: one process

@@ -3,44 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ssni.cli import study as st
 from ssni.cli import study_report as sr
 from ssni.cli.main import main
 from ssni.eval.log import RunLog
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _study_toy import WIDE, shrink  # noqa: E402
+from _torchrun import worker  # noqa: E402
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
 
 @pytest.fixture
 def tiny(monkeypatch):
     """The study at a toy size: a few images, levels of 1-3 steps, one attack iteration."""
-    monkeypatch.setattr(st, "T_GRID", (0.001, 0.002, 0.003, 0.004, 0.005))
-    monkeypatch.setattr(st, "CLEAN_N", 4)
-    monkeypatch.setattr(st, "CLEAN_BATCH", 4)
-    monkeypatch.setattr(st, "ROBUST_N", 2)
-    monkeypatch.setattr(st, "ANALYZE_N", 2)
-    monkeypatch.setattr(st, "STATS_N", 4)
-    monkeypatch.setattr(st, "CALIB_N", 2)
-    monkeypatch.setattr(st, "ROW_BATCH", 2)
-    monkeypatch.setattr(st, "CLEAN_DROP", -1.0)  # the first complete level is t*
-    monkeypatch.setattr(st, "CALIB_RESOLUTION", 0.001)
-    monkeypatch.setattr(st, "CALIB_BIASES", (0.0, 0.001))
-    monkeypatch.setattr(st, "CALIB_ATTACK", (1, 1))
-    monkeypatch.setattr(
-        st, "BASE", {**st.BASE, "iterations": 1, "eot": 1, "surrogate_steps": 1, "levels": 2}
-    )
-    real_plan = st.study_plan
-
-    def plan():
-        stages = real_plan()
-        for s in stages:
-            if s.kind == "clean":
-                s.spec["levels"] = [0.001, 0.002] if s.name == "clean-decisive" else [0.003]
-        return stages
-
-    monkeypatch.setattr(st, "study_plan", plan)
+    shrink(monkeypatch.setattr)
 
 
 def _write_clean(root: Path, t: float, correct, plain) -> None:
@@ -177,3 +165,136 @@ def test_changed_code_resumes_a_stage_only_if_its_first_chunk_replays(tiny, tmp_
     other_code_and_lost_chunk(lambda line: line.replace('"correct": true', flip)
                               .replace('"correct": false', flip))
     assert main(["study", "run", "--out", str(out), "--only", "clean-decisive"]) == 1
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+ROWS = ["diffpure-constant-pgd-eps0.100/seed121", "diffpure-ssni-n-pgd-eps0.100/seed121"]
+#: One stage of every kind: clean, undefended, calibration table and choice, rows, adv-grid.
+WIDE_ONLY = [a for o in ("clean-decisive", "undefended-pgd-eps0.100", "calibrate", *ROWS,
+                         "analyze-t") for a in ("--only", o)]
+
+
+def _records(out: Path):
+    """``{stage folder: {(seed, index): record}}`` over every log; a sample in two logs of a
+    folder fails (computed twice)."""
+    found = {}
+    for path in sorted(out.rglob("log*.jsonl")):
+        recs = found.setdefault(path.parent.relative_to(out).as_posix(), {})
+        for line in path.read_text().splitlines()[1:]:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed rank
+                continue
+            if rec["kind"] == "sample":
+                key = (rec["seed"], rec["index"])
+                assert key not in recs, f"{path.parent}: {key} computed twice"
+                recs[key] = rec["record"]
+    return found
+
+
+def _ranks_with_samples(folder: Path):
+    return {p.name for p in folder.glob("log*.jsonl") if '"kind": "sample"' in p.read_text()}
+
+
+def _single(out: Path) -> int:
+    """The wide toy study in this process, with one CPU thread as each torchrun process has."""
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            shrink(mp.setattr, WIDE)
+            return main(["--quiet", "study", "run", "--out", str(out), "--threads", "1",
+                         *WIDE_ONLY])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torchrun(out: Path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).with_name("_study_toy.py")), "--wide", "--quiet", "study", "run",
+           "--out", str(out), "--threads", "1", *WIDE_ONLY]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _report(out: Path, row: str):
+    """A row's report.json without its time and with the study folder (in the policy file's
+    path) as ``OUT``."""
+    text = (out / "rows" / row / "report.json").read_text()
+    doc = json.loads(text.replace(str(out.resolve()), "OUT"))
+    doc["extra"].pop("seconds")
+    return doc
+
+
+@pytest.fixture(scope="module")
+def wide_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study-single") / "run"
+    assert _single(out) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_study_under_torchrun_equals_one_process(wide_reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun(out)
+    text = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, text
+    ref = _records(wide_reference)
+    assert _records(out) == ref and len(ref) == 7  # 2 clean levels, 5 other stages
+    assert not (out / "log.jsonl").exists()
+    for folder in ref:  # the ranks shared every stage (clean: the levels of each chunk)
+        ranks = _ranks_with_samples(out / folder)
+        assert ranks == ({"log.rank0.jsonl"} if folder == "clean/t0.001" else
+                         {"log.rank1.jsonl"} if folder == "clean/t0.002" else
+                         {"log.rank0.jsonl", "log.rank1.jsonl"}), folder
+    for name in ("ssni-n/policy.json", "ssni-l/policy.json", "ssni-n/calibration.json"):
+        assert (out / "calibrate" / name).read_text() == (
+            wide_reference / "calibrate" / name).read_text()
+    for row in ROWS:
+        assert _report(out, row) == _report(wide_reference, row)
+    sessions = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) == 7 and all(s["ranks"] == 2 and s["final"] for s in sessions)
+    identities = [sorted(p.relative_to(root) for p in root.rglob("identity.json"))
+                  for root in (out, wide_reference)]
+    assert identities[0] == identities[1] and len(identities[0]) == 8  # and calibrate/
+    # readers merge the rank logs, also packed: the records and their order of one process
+    packed = tmp_path / "packed"
+    st.pack(out, packed)
+    assert len(list(packed.rglob("log.rank*.jsonl.gz"))) == 14
+    for folder in ref:
+        assert st.read_log(packed / folder / "log.jsonl") == st.read_log(
+            wide_reference / folder / "log.jsonl")
+    for row in ROWS:
+        name = row.split("/")[0]
+        assert sr.Row(name, packed).by_seed == sr.Row(name, wide_reference).by_seed
+    # one process on the same folder finds every stage done and writes no log
+    logs = {p: p.read_bytes() for p in out.rglob("log*.jsonl")}
+    assert _single(out) == 0
+    assert {p: p.read_bytes() for p in out.rglob("log*.jsonl")} == logs
+
+
+@pytest.mark.slow
+def test_study_killed_under_torchrun_resumes_with_one_process(wide_reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _torchrun(out)
+    victim = None
+    deadline = time.time() + 240
+    while victim is None:  # rank 1 dies after its first clean chunk
+        assert proc.poll() is None, proc.communicate()[0].decode()
+        assert time.time() < deadline, "rank 1 wrote no sample"
+        if any('"kind": "sample"' in p.read_text() for p in out.glob("clean/*/log.rank1.jsonl")):
+            victim = worker(proc.pid, rank=1)
+        else:
+            time.sleep(0.02)
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    before = _records(out)
+    ref = _records(wide_reference)
+    assert 0 < sum(map(len, before.values())) < sum(map(len, ref.values()))
+    assert _single(out) == 0  # world size 1 finishes what the ranks left
+    after = _records(out)  # (fails if a finished sample was computed again)
+    assert after == ref
+    assert all(after[f][k] == rec for f, recs in before.items() for k, rec in recs.items())
+    for row in ROWS:
+        assert _report(out, row) == _report(wide_reference, row)

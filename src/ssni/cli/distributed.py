@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -105,8 +106,18 @@ def job(device: str) -> Job:
     return _JOB
 
 
+#: Seconds a process pauses at exit before leaving the process group (see :func:`_leave`).
+EXIT_PAUSE_S = 0.5
+
+
 def _leave() -> None:
+    """Leave the process group at exit. Gloo's worker threads release the tensors of the last
+    collectives just after those complete, and releasing one that Python created needs the
+    interpreter; if it is already shutting down, the process aborts (SIGABRT, "terminate called
+    without an active exception"), which torchrun reports as a failed job. A short pause, during
+    which the main thread holds no lock, lets them finish first."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        time.sleep(EXIT_PAUSE_S)
         dist.destroy_process_group()

@@ -59,7 +59,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if launched() and not getattr(args, "torchrun", False):
-            raise UsageError("this command runs as one process; only evaluate runs under torchrun")
+            raise UsageError(
+                "this command runs as one process; only evaluate and study run start under "
+                "torchrun"
+            )
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"ssni {args.command}: error: {err}", file=sys.stderr)

@@ -22,6 +22,19 @@ Every stage directory holds ``identity.json``: the code fingerprint of the modul
 its numbers (their syntax trees, without docstrings) and the commit. A stage whose fingerprint
 changed is refused (random streams or algorithms may differ) unless ``--accept-code-change``.
 ``sessions.jsonl`` records wall time, samples done and network calls of every session.
+
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m ssni study run --out DIR``) every rank walks
+the same plan: rank 0 holds the folder lock, picks each next stage from the files and broadcasts
+it. The chunks of a stage are dealt round robin to the ranks; rank ``r`` writes
+``log.rank{r}.jsonl`` in the stage folder (``evaluate``'s scheme, which the row and undefended
+stages use directly), and every reader merges the ``log*.jsonl`` of a folder. A chunk's
+randomness is keyed by seed, chunk start and phase, never by rank, so each stage's records equal
+a single process's, and any world size resumes from all logs. The calibration choice (cheap) runs
+on rank 0 while the others wait; so a rank may wait for hours at a barrier, and the process group
+is made with a 24-hour timeout (:data:`ssni.cli.distributed.TIMEOUT`). Only rank 0 writes shared
+files (``identity.json``, ``sessions.jsonl``, policies, reports); its session lines add up the
+network images and CPU seconds of all ranks. The study folder must be on a filesystem every rank
+sees (later stages read what earlier ones wrote).
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -45,6 +59,8 @@ import torch
 
 from ..core.policies import REWEIGHT
 from ..errors import UsageError
+from ..eval.distributed import agree, broadcast, gather, share
+from .distributed import LOG_NAME, Job, log_name
 
 log = logging.getLogger("ssni.study")
 
@@ -252,39 +268,53 @@ HEARTBEAT_S = 60.0
 
 
 @contextmanager
-def accounted(out: Path, stage: str, done: Callable[[], int]) -> Iterator[None]:
+def accounted(
+    out: Path, stage: str, done: Callable[[], int], group=None
+) -> Iterator[None]:
     """Record a session of ``stage`` in ``out/sessions.jsonl``: wall and CPU seconds (all
     threads of the process), samples done before/now (``done()`` counts finished samples)
     and images through the score network.
 
     A line is appended every ``HEARTBEAT_S`` seconds and at the end, all with the same
     ``session`` id; readers keep the last line of each session, so a killed run loses at most
-    one heartbeat of accounting."""
+    one heartbeat of accounting.
+
+    With ``group`` (the ranks of a torchrun job, which all enter this block together) rank 0
+    alone writes; its heartbeats count its own network images and CPU seconds, its last line
+    those of every rank (summed when the block ends without an exception) and ``ranks``."""
+    from ..eval.distributed import rank_of, world_of
+
+    lead = rank_of(group) == 0
     counter = _CallCounter()
     handle = torch.nn.modules.module.register_module_forward_hook(counter)
-    before = done()
+    before = done() if lead else 0
     start = time.time()
     t0 = time.perf_counter()
     c0 = time.process_time()
     session = f"{os.getpid()}-{start:.3f}"
-    commit = code_commit()
+    commit = code_commit() if lead else ""
     lock = threading.Lock()
 
-    def write(final: bool) -> None:
+    def write(final: bool, totals: Optional[Tuple[int, int, float]] = None) -> None:
+        images, calls, cpu = totals or (
+            counter.images, counter.calls, time.process_time() - c0
+        )
         rec = {
             "stage": stage,
             "session": session,
             "start": start,
             "seconds": time.perf_counter() - t0,
-            "cpu_seconds": time.process_time() - c0,
+            "cpu_seconds": cpu,
             "samples_before": before,
             "samples_after": done(),
-            "net_images": counter.images,
-            "net_calls": counter.calls,
+            "net_images": images,
+            "net_calls": calls,
             "commit": commit,
             "threads": torch.get_num_threads(),
             "final": final,
         }
+        if group is not None:
+            rec["ranks"] = world_of(group)
         with lock, open(out / "sessions.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
 
@@ -298,14 +328,23 @@ def accounted(out: Path, stage: str, done: Callable[[], int]) -> Iterator[None]:
                 log.debug("heartbeat failed", exc_info=True)
 
     thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
+    if lead:
+        thread.start()
+    finished = False
     try:
         yield
+        finished = True
     finally:
         stop.set()
-        thread.join()
+        if lead:
+            thread.join()
         handle.remove()
-        write(True)
+        totals = None
+        if group is not None and finished:  # every rank is here: add up their counts
+            mine = (counter.images, counter.calls, time.process_time() - c0)
+            totals = tuple(sum(v) for v in zip(*gather(group, mine)))
+        if lead:
+            write(True, totals)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -325,18 +364,33 @@ def level_name(t: float) -> str:
 # ----------------------------------------------------------------------------- clean stage
 
 
-def run_clean(out: Path, levels: Sequence[float], *, seed: int, accept_change: bool) -> None:
+def run_clean(
+    out: Path,
+    levels: Sequence[float],
+    *,
+    seed: int,
+    accept_change: bool,
+    job: Optional[Job] = None,
+) -> None:
     """Clean accuracy of constant DiffPure at each of ``levels`` on the first ``CLEAN_N`` test
-    images, chunk-major (all levels of one chunk before the next), one log per level."""
-    from ..eval.log import RunLog, fingerprint_data, fingerprint_module
+    images, chunk-major (all levels of one chunk before the next), one log per level.
+
+    Under torchrun (``job``) the (chunk, level) pairs left are dealt round robin to the ranks,
+    each writing its own log per level; the records are those of one process."""
+    from ..eval.log import fingerprint_data, fingerprint_module
     from ..eval.streams import keyed_generator
     from . import build
 
-    cfg = base_config(n=CLEAN_N)
-    model = build.build_score_model(cfg)
-    classifier = build.build_classifier(cfg)
-    purifier = build.build_purifier(cfg, model)
-    x, y = build.eval_images(cfg)
+    job = job or Job()
+    group = job.group
+
+    def setup():
+        cfg = base_config(n=CLEAN_N)
+        model = build.build_score_model(cfg)
+        classifier = build.build_classifier(cfg)
+        return model, classifier, build.build_purifier(cfg, model), *build.eval_images(cfg)
+
+    model, classifier, purifier, x, y = agree(group, setup)
     n = x.shape[0]
 
     @torch.no_grad()
@@ -369,11 +423,11 @@ def run_clean(out: Path, levels: Sequence[float], *, seed: int, accept_change: b
 
         return verify
 
-    logs: Dict[float, RunLog] = {}
-    for t in levels:
-        d = out / "clean" / level_name(t)
-        check_identity(d, "clean", accept_change, verify=replay(t, d / "log.jsonl"))
-        config = {
+    dirs = {t: out / "clean" / level_name(t) for t in levels}
+    for t, d in dirs.items():  # rank 0 checks (and may replay a chunk), the others wait
+        _on_lead(job, check_identity, d, "clean", accept_change, verify=replay(t, d / LOG_NAME))
+    configs = {
+        t: {
             "stage": "clean",
             "t": float(t),
             "purifier": repr(purifier),
@@ -383,60 +437,143 @@ def run_clean(out: Path, levels: Sequence[float], *, seed: int, accept_change: b
             "seed": int(seed),
             "batch_size": CLEAN_BATCH,
         }
-        logs[t] = RunLog(d / "log.jsonl", config)
-
-    def done() -> int:
-        return sum(len(lg.samples) for lg in logs.values())
-
+        for t in levels
+    }
+    _same_everywhere(group, configs)
+    logs = _open_logs(job, {t: (dirs[t], configs[t]) for t in levels})
     try:
-        with accounted(out, "clean:" + ",".join(level_name(t) for t in levels), done):
-            for start in range(0, n, CLEAN_BATCH):
-                idx = range(start, min(start + CLEAN_BATCH, n))
-                for t in levels:
-                    lg = logs[t]
-                    if all((seed, i) in lg.samples for i in idx):
-                        continue
-                    t0 = time.perf_counter()
-                    for rec in chunk(start, t):
-                        lg.add_sample(rec)
-                    log.info(
-                        "clean t=%.3f: %d/%d images (%.0f s for this chunk)",
-                        t, len(lg.samples), n, time.perf_counter() - t0,
-                    )
+        done = {t: set().union(*gather(group, set(lg.samples))) for t, lg in logs.items()}
+        todo = [
+            (start, t)
+            for start in range(0, n, CLEAN_BATCH)
+            for t in levels
+            if not all((seed, i) in done[t] for i in range(start, min(start + CLEAN_BATCH, n)))
+        ]
+        mine = share(todo, job.rank, job.world_size)
+
+        def count(t: float) -> int:
+            return len(logs[t].samples) if group is None else _log_count(dirs[t] / LOG_NAME)
+
+        def run_mine() -> None:
+            for start, t in mine:
+                t0 = time.perf_counter()
+                for rec in chunk(start, t):
+                    logs[t].add_sample(rec)
+                log.info(
+                    "clean t=%.3f: %d/%d images (%.0f s for this chunk)",
+                    t, count(t), n, time.perf_counter() - t0,
+                )
+
+        stage = "clean:" + ",".join(level_name(t) for t in levels)
+        with accounted(out, stage, lambda: sum(map(count, levels)), group):
+            agree(group, run_mine)
     finally:
         for lg in logs.values():
             lg.close()
 
 
+def _on_lead(job: Job, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on rank 0 while the other ranks wait; if it raises, every rank
+    raises. Returns rank 0's value there, None on the others."""
+    return agree(job.group, lambda: fn(*args, **kwargs) if job.rank == 0 else None)
+
+
+def _same_everywhere(group, config: Any) -> None:
+    """Refuse (on every rank) when the ranks computed different stage configurations (other
+    data or weights on one machine)."""
+    if group is None:
+        return
+    mine = json.dumps(config, sort_keys=True)
+    for rank, theirs in enumerate(gather(group, mine)):
+        if theirs != mine:
+            raise StudyError(f"rank {rank} has another stage configuration than this rank")
+
+
+def _open_logs(job: Job, where: Dict[Any, Tuple[Path, dict]]) -> Dict[Any, Any]:
+    """This rank's log (``log.jsonl``, or ``log.rank{r}.jsonl`` under torchrun) in each stage
+    folder of ``where`` (``key -> (folder, config)``), holding the finished samples of the
+    folder's other logs too (read only); opened on every rank or on none."""
+    from ..eval.log import RunLog
+
+    opened: Dict[Any, RunLog] = {}
+
+    def open_all() -> None:
+        for key, (folder, config) in where.items():
+            own = folder / log_name(job)
+            lg = opened[key] = RunLog(own, config)
+            for path in sorted(folder.glob("log*.jsonl")):
+                if path.name != own.name:
+                    lg.merge(path)
+
+    try:
+        agree(job.group, open_all)
+    except BaseException:
+        for lg in opened.values():
+            lg.close()
+        raise
+    return opened
+
+
+_RANK_LOG = re.compile(r"log\.rank(\d+)\.jsonl")
+
+
+def is_log(name: str) -> bool:
+    """Whether ``name`` is a stage log: ``log.jsonl`` or a torchrun rank's ``log.rank{r}.jsonl``."""
+    return name == LOG_NAME or _RANK_LOG.fullmatch(name) is not None
+
+
+def _log_files(path: Path) -> List[Path]:
+    """The files of the log ``path`` and, for a stage's ``log.jsonl``, of the rank logs beside
+    it (each as ``.jsonl`` or else ``.jsonl.gz``), in rank order after ``path``."""
+    names = [path.name]
+    if path.name == LOG_NAME and path.parent.is_dir():
+        ranks = {
+            int(m.group(1)): m.group(0)
+            for p in path.parent.iterdir()
+            if (m := _RANK_LOG.fullmatch(p.name[:-3] if p.name.endswith(".gz") else p.name))
+        }
+        names += [ranks[r] for r in sorted(ranks)]
+    found = []
+    for name in names:
+        for p in (path.with_name(name), path.with_name(name + ".gz")):
+            if p.is_file():
+                found.append(p)
+                break
+    return found
+
+
 def read_log(path: Path) -> Tuple[Optional[dict], List[dict]]:
     """``(config, sample records)`` of a JSONL log, ``.jsonl`` or ``.jsonl.gz`` (None, [] if
-    absent); a last line cut short is ignored."""
+    absent); a last line cut short is ignored.
+
+    For a stage's ``log.jsonl`` the logs of torchrun ranks beside it (``log.rank{r}.jsonl``)
+    are read too: one record per (seed, index), in (seed, index) order, which is the order of
+    a single process's log; the configuration is the first log's."""
     import gzip
 
-    for p in (path, path.with_name(path.name + ".gz")):
-        if p.is_file():
-            opener = gzip.open if p.suffix == ".gz" else open
-            with opener(p, "rt", encoding="utf-8") as f:
-                lines = f.read().split("\n")
-            break
-    else:
-        return None, []
+    files = _log_files(path)
     config, records, seen = None, [], set()
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("kind") == "config":
-            config = rec.get("config")
-        elif rec.get("kind") == "sample":
-            key = (rec["seed"], rec["index"])
-            if key not in seen:
-                seen.add(key)
-                records.append(rec["record"])
-    return config, records
+    for p in files:
+        opener = gzip.open if p.suffix == ".gz" else open
+        with opener(p, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind") == "config":
+                config = rec.get("config") if config is None else config
+            elif rec.get("kind") == "sample":
+                key = (rec["seed"], rec["index"])
+                if key not in seen:
+                    seen.add(key)
+                    records.append((key, rec["record"]))
+    if len(files) > 1:
+        records.sort(key=lambda kr: kr[0])
+    return config, [r for _, r in records]
 
 
 def clean_levels(root: Path) -> Dict[float, List[dict]]:
@@ -605,19 +742,29 @@ def undefended_attack(kind: str, eps: float):
     return attacks.PGD(threat, iterations=BASE["iterations"], step_size=eps / 10, eot=1)
 
 
-def _run_undefended(stage: Stage, out: Path, accept_change: bool) -> None:
+def _identity(job: Job, stage_dir: Path, kind: str, accept_change: bool) -> None:
+    """:func:`check_identity` on rank 0 (the only writer), its verdict on every rank."""
+    _on_lead(job, check_identity, stage_dir, kind, accept_change)
+
+
+def _run_undefended(stage: Stage, out: Path, accept_change: bool, job: Job) -> None:
     from ..eval.protocol import evaluate
     from . import build
 
     d = out / stage.path
-    check_identity(d, "attack", accept_change)
-    cfg = base_config()
-    classifier = build.build_classifier(cfg)
-    x, y = build.eval_images(cfg)
+    _identity(job, d, "attack", accept_change)
+
+    def setup():
+        cfg = base_config()
+        return build.build_classifier(cfg), *build.eval_images(cfg)
+
+    classifier, x, y = agree(job.group, setup)
     attack = undefended_attack(stage.spec["attack"], stage.spec["eps"])
-    with accounted(out, stage.name, lambda: _log_count(d / "log.jsonl")):
+    with accounted(out, stage.name, lambda: _log_count(d / LOG_NAME), job.group):
+        # evaluate deals the chunks to the ranks itself (log.rank{r}.jsonl under torchrun)
         evaluate(classifier, attack, (x, y), seeds=[SEEDS[0]], batch_size=ROW_BATCH,
-                 log_path=d / "log.jsonl", sanity_checks=False)
+                 log_path=d / log_name(job), resume_from=sorted(d.glob("log*.jsonl")),
+                 group=job.group, sanity_checks=False)
 
 
 def row_config(stage: Stage, out: Path):
@@ -663,14 +810,17 @@ def autoattack_setup(cfg, defense):
     return build.AttackSetup(attack, base.target, desc)
 
 
-def _run_row(stage: Stage, out: Path, accept_change: bool) -> None:
+def _run_row(stage: Stage, out: Path, accept_change: bool, job: Job) -> None:
+    """``ssni evaluate`` of the row's configuration into its folder; under torchrun
+    :func:`~ssni.cli.evaluate.run_config` shares it among the ranks (rank 0 locks the row
+    folder and writes its reports)."""
     from .evaluate import run_config
 
     d = out / stage.path
-    check_identity(d, "attack", accept_change)
-    cfg = row_config(stage, out)
+    _identity(job, d, "attack", accept_change)
+    cfg = agree(job.group, lambda: row_config(stage, out))
     setup = autoattack_setup if stage.spec["attack"] == "autoattack" else None
-    with accounted(out, stage.name, lambda: _log_count(d / "log.jsonl")):
+    with accounted(out, stage.name, lambda: _log_count(d / LOG_NAME), job.group):
         run_config(cfg, d, progress=False, attack_setup=setup)
 
 
@@ -693,31 +843,45 @@ def calibration_grid(t_star: float):
     return level_grid(t_star, CALIB_BIASES, CALIB_RESOLUTION)
 
 
-def _chunked(out: Path, stage: Stage, path: Path, config: dict, x, y, seed: int, phases: int,
-             work: Callable) -> None:
+def _chunked(out: Path, stage: Stage, folder: Path, config: dict, x, y, seed: int, phases: int,
+             work: Callable, job: Job) -> None:
     """Append ``work(xb, yb, generators)`` (one dict per sample) for every chunk of
-    ``ROW_BATCH`` samples not yet in the log at ``path``; ``phases`` keyed generators per
-    chunk, keyed by ``(seed, chunk start, phase)``."""
-    from ..eval.log import RunLog
+    ``ROW_BATCH`` samples not yet in the logs of ``folder``; ``phases`` keyed generators per
+    chunk, keyed by ``(seed, chunk start, phase)``. Under torchrun the chunks left are dealt
+    round robin to the ranks, each appending to its own log."""
     from ..eval.streams import keyed_generator
 
-    lg = RunLog(path, config)
+    group, n = job.group, x.shape[0]
+    _same_everywhere(group, config)
+    lg = _open_logs(job, {0: (folder, config)})[0]
     try:
-        with accounted(out, stage.name, lambda: len(lg.samples)):
-            for start in range(0, x.shape[0], ROW_BATCH):
-                idx = list(range(start, min(start + ROW_BATCH, x.shape[0])))
-                if all((seed, i) in lg.samples for i in idx):
-                    continue
+        done = set().union(*gather(group, set(lg.samples)))
+        todo = [
+            start
+            for start in range(0, n, ROW_BATCH)
+            if not all((seed, i) in done for i in range(start, min(start + ROW_BATCH, n)))
+        ]
+        mine = share(todo, job.rank, job.world_size)
+
+        def count() -> int:
+            return len(lg.samples) if group is None else _log_count(folder / LOG_NAME)
+
+        def run_mine() -> None:
+            for start in mine:
+                idx = list(range(start, min(start + ROW_BATCH, n)))
                 xb, yb = x[idx[0] : idx[-1] + 1], y[idx[0] : idx[-1] + 1]
                 gens = [keyed_generator(x.device, seed, start, k) for k in range(phases)]
                 for i, rec in zip(idx, work(xb, yb, gens)):
                     lg.add_sample({"seed": seed, "index": i, "label": int(y[i]), **rec})
-                log.info("%s: %d/%d images", stage.name, len(lg.samples), x.shape[0])
+                log.info("%s: %d/%d images", stage.name, count(), n)
+
+        with accounted(out, stage.name, count, group):
+            agree(group, run_mine)
     finally:
         lg.close()
 
 
-def _run_calib_table(stage: Stage, out: Path, accept_change: bool) -> None:
+def _run_calib_table(stage: Stage, out: Path, accept_change: bool, job: Job) -> None:
     """Correctness of clean and adversarial validation images over the calibration grid and
     their EPS norms, per chunk (the adversarial ones: the study's cheap calibration attack,
     10 iterations x EOT 1 through the surrogate, against constant t*)."""
@@ -728,12 +892,15 @@ def _run_calib_table(stage: Stage, out: Path, accept_change: bool) -> None:
     from . import build
 
     d = out / stage.path
-    check_identity(d, "attack", accept_change)
-    cfg = base_config(t_star=choose_t_star(out).t_star)
-    model = build.build_score_model(cfg)
-    classifier = build.build_classifier(cfg)
-    purifier = build.build_purifier(cfg, model)
-    _, x, y = _validation(cfg)
+    _identity(job, d, "attack", accept_change)
+
+    def build_all():
+        cfg = base_config(t_star=choose_t_star(out).t_star)
+        model = build.build_score_model(cfg)
+        classifier = build.build_classifier(cfg)
+        return cfg, model, classifier, build.build_purifier(cfg, model), *_validation(cfg)[1:]
+
+    cfg, model, classifier, purifier, x, y = agree(job.group, build_all)
     base = Defense(classifier, purifier, Constant(cfg.t_star))
     setup = build.build_attack(cfg, base, iterations=CALIB_ATTACK[0], eot=CALIB_ATTACK[1])
     probe = _ssni(cfg, model, "sigmoid")
@@ -770,18 +937,24 @@ def _run_calib_table(stage: Stage, out: Path, accept_change: bool) -> None:
             for j in range(xb.shape[0])
         ]
 
-    _chunked(out, stage, d / "log.jsonl", config, x, y, seed, 5, work)
+    _chunked(out, stage, d, config, x, y, seed, 5, work, job)
 
 
-def _run_calib_select(stage: Stage, out: Path, accept_change: bool) -> None:
+def _run_calib_select(stage: Stage, out: Path, accept_change: bool, job: Job) -> None:
     """Clean statistics on ``STATS_N`` validation images, then tau and b for SSNI-N and SSNI-L
-    from the logged table (max clean accuracy with robust >= constant t*'s)."""
+    from the logged table (max clean accuracy with robust >= constant t*'s). Under torchrun
+    rank 0 does this alone (it is cheap next to the attacks) while the others wait."""
+    d = out / stage.path
+    _identity(job, d, "attack", accept_change)
+    with accounted(out, stage.name, lambda: 0, job.group):
+        _on_lead(job, _select, d, out)
+
+
+def _select(d: Path, out: Path) -> None:
     from ..eval.calibrate import save_policy, select
     from ..eval.streams import keyed_generator
     from . import build
 
-    d = out / stage.path
-    check_identity(d, "attack", accept_change)
     cfg = base_config(t_star=choose_t_star(out).t_star)
     model = build.build_score_model(cfg)
     x_stats, _, _ = _validation(cfg)
@@ -792,27 +965,26 @@ def _run_calib_select(stage: Stage, out: Path, accept_change: bool) -> None:
     e_adv = torch.tensor([r["e_adv"] for r in recs], dtype=torch.float64)
     clean_tab = torch.tensor([r["clean"] for r in recs], dtype=torch.bool)
     adv_tab = torch.tensor([r["adv"] for r in recs], dtype=torch.bool)
-    with accounted(out, stage.name, lambda: 0):
-        for name, reweight in REWEIGHT.items():  # ssni-n, then ssni-l
-            path = d / name / "policy.json"
-            if path.is_file():
-                continue
-            policy = _ssni(cfg, model, reweight)
-            gen = keyed_generator(torch.device("cpu"), SEEDS[0], 0, 99)
-            policy.fit((x_stats[i : i + 100] for i in range(0, STATS_N, 100)), generator=gen)
-            result = select(policy, e_clean, e_adv, clean_tab, adv_tab, grid,
-                            taus=CALIB_TAUS, biases=CALIB_BIASES, n_stats=STATS_N)
-            info = {"calibration": result.to_dict(), "stats_split": "val",
-                    "attack": config["attack"], "code": code_commit()}
-            _write_json(d / name / "calibration.json", result.to_dict())
-            save_policy(path, policy, info=info)
+    for name, reweight in REWEIGHT.items():  # ssni-n, then ssni-l
+        path = d / name / "policy.json"
+        if path.is_file():
+            continue
+        policy = _ssni(cfg, model, reweight)
+        gen = keyed_generator(torch.device("cpu"), SEEDS[0], 0, 99)
+        policy.fit((x_stats[i : i + 100] for i in range(0, STATS_N, 100)), generator=gen)
+        result = select(policy, e_clean, e_adv, clean_tab, adv_tab, grid,
+                        taus=CALIB_TAUS, biases=CALIB_BIASES, n_stats=STATS_N)
+        info = {"calibration": result.to_dict(), "stats_split": "val",
+                "attack": config["attack"], "code": code_commit()}
+        _write_json(d / name / "calibration.json", result.to_dict())
+        save_policy(path, policy, info=info)
 
 
-def _run_clean_stage(stage: Stage, out: Path, accept_change: bool) -> None:
-    run_clean(out, stage.spec["levels"], seed=SEEDS[0], accept_change=accept_change)
+def _run_clean_stage(stage: Stage, out: Path, accept_change: bool, job: Job) -> None:
+    run_clean(out, stage.spec["levels"], seed=SEEDS[0], accept_change=accept_change, job=job)
 
 
-def _run_adv_grid(stage: Stage, out: Path, accept_change: bool) -> None:
+def _run_adv_grid(stage: Stage, out: Path, accept_change: bool, job: Job) -> None:
     """Adversarial images against constant t* (the main attack) on ``ANALYZE_N`` test images,
     their correctness at every level of ``T_GRID`` and SSNI-N's t(x) of clean and adversarial
     inputs (the clean correctness comes from the clean stage, same images)."""
@@ -824,13 +996,17 @@ def _run_adv_grid(stage: Stage, out: Path, accept_change: bool) -> None:
     from . import build
 
     d = out / stage.path
-    check_identity(d, "attack", accept_change)
-    cfg = base_config(t_star=choose_t_star(out).t_star, n=ANALYZE_N)
-    model = build.build_score_model(cfg)
-    classifier = build.build_classifier(cfg)
-    purifier = build.build_purifier(cfg, model)
-    policy = load_policy(out / "calibrate" / "ssni-n" / "policy.json", model)
-    x, y = build.eval_images(cfg)
+    _identity(job, d, "attack", accept_change)
+
+    def build_all():
+        cfg = base_config(t_star=choose_t_star(out).t_star, n=ANALYZE_N)
+        model = build.build_score_model(cfg)
+        classifier = build.build_classifier(cfg)
+        policy = load_policy(out / "calibrate" / "ssni-n" / "policy.json", model)
+        return (cfg, model, classifier, build.build_purifier(cfg, model), policy,
+                *build.eval_images(cfg))
+
+    cfg, model, classifier, purifier, policy, x, y = agree(job.group, build_all)
     base = Defense(classifier, purifier, Constant(cfg.t_star))
     setup = build.build_attack(cfg, base)
     seed = SEEDS[0]
@@ -863,7 +1039,7 @@ def _run_adv_grid(stage: Stage, out: Path, accept_change: bool) -> None:
             for j in range(xb.shape[0])
         ]
 
-    _chunked(out, stage, d / "log.jsonl", config, x, y, seed, 4, work)
+    _chunked(out, stage, d, config, x, y, seed, 4, work, job)
 
 
 RUNNERS = {
@@ -881,58 +1057,92 @@ def _terminate(signum, frame) -> None:
 
 
 def cmd_run(args) -> int:
+    """Run (or resume) the study; under torchrun every rank runs this, rank 0 holding the
+    folder lock and choosing the stages (see the module docstring)."""
+    from ..io.lock import folder_lock
+    from . import distributed
+
     # SIGTERM ends the run like Ctrl-C: logs are closed and the session is recorded
     signal.signal(signal.SIGTERM, _terminate)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.resume_from:
-        unpack(Path(args.resume_from), out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.list:
-        for stage in study_plan():
-            state = describe(*stage_status(stage, out))
-            why = stage_blocked(stage, out) if state != "complete" else ""
-            print(f"{stage.name:<44} {state:<16} {why}".rstrip())
+    job = distributed.job(base_config().device)
+
+    def listing() -> int:
+        if job.rank == 0:
+            for stage in study_plan():
+                state = describe(*stage_status(stage, out))
+                why = stage_blocked(stage, out) if state != "complete" else ""
+                print(f"{stage.name:<44} {state:<16} {why}".rstrip())
         return 0
-    from ..io.lock import folder_lock
 
-    with folder_lock(out):  # one study run per folder
-        return _run_stages(out, list(args.only or []), args.accept_code_change)
+    if args.list and not args.resume_from:  # reads only: works beside a running study
+        return listing()
+    lock = folder_lock(out)  # one study run per folder
+
+    def take() -> None:
+        if job.rank == 0:
+            lock.acquire()
+            if args.resume_from:
+                unpack(Path(args.resume_from), out)
+
+    agree(job.group, take)  # if rank 0 cannot take the folder, every rank stops
+    try:
+        if args.list:
+            return listing()
+        return _run_stages(out, list(args.only or []), args.accept_code_change, job)
+    finally:
+        lock.release()
 
 
-def _run_stages(out: Path, only: List[str], accept_change: bool) -> int:
+def _next_stage(out: Path, only: List[str], failed: set) -> Optional[Stage]:
+    """The first stage of the plan that is selected, unfinished, not failed and not blocked."""
+    for stage in study_plan():
+        if stage.name in failed or (only and not any(stage.name.startswith(o) for o in only)):
+            continue
+        done, need = stage_status(stage, out)
+        if done >= need:
+            continue
+        if stage_blocked(stage, out):
+            continue
+        return stage
+    return None
+
+
+def _run_stages(out: Path, only: List[str], accept_change: bool, job: Optional[Job] = None
+                ) -> int:
+    """Run the stages in plan order until none is left; 1 if one failed. Under torchrun rank
+    0 picks each stage and broadcasts its name, every rank runs it, and a failure on any rank
+    fails the stage on all of them."""
+    job = job or Job()
+    group, lead = job.group, job.rank == 0
     failed: set = set()
     while True:
-        todo = None
-        for stage in study_plan():
-            if stage.name in failed or (only and not any(stage.name.startswith(o) for o in only)):
-                continue
-            done, need = stage_status(stage, out)
-            if done >= need:
-                continue
-            why = stage_blocked(stage, out)
-            if why:
-                continue
-            todo = stage
-            break
-        if todo is None:
+        stage = _on_lead(job, _next_stage, out, only, failed)
+        name = broadcast(group, None if stage is None else stage.name)
+        if name is None:
             log.info("nothing left to run (stages still waiting are listed by --list)")
-            return 1 if failed else 0
-        log.info("%s: starting (%s)", todo.name, describe(*stage_status(todo, out)))
+            return 1 if broadcast(group, bool(failed)) else 0
+        todo = next(s for s in study_plan() if s.name == name)
+        if lead:
+            log.info("%s: starting (%s)", todo.name, describe(*stage_status(todo, out)))
         try:
-            RUNNERS[todo.kind](todo, out, accept_change)
+            agree(group, functools.partial(RUNNERS[todo.kind], todo, out, accept_change, job))
         except KeyboardInterrupt:
             raise
         except Exception as err:  # noqa: BLE001 - one failing stage must not stop the study
-            log.error("%s: failed: %s: %s", todo.name, type(err).__name__, err)
-            log.debug("failure", exc_info=True)
+            if lead:
+                log.error("%s: failed: %s: %s", todo.name, type(err).__name__, err)
+                log.debug("failure", exc_info=True)
             failed.add(todo.name)
             continue
-        if stage_status(todo, out)[0] < stage_status(todo, out)[1]:
-            log.error("%s: stopped before completion", todo.name)
-            failed.add(todo.name)
-        log.info("%s: %s", todo.name, describe(*stage_status(todo, out)))
+        if lead:
+            done, need = stage_status(todo, out)
+            if done < need:
+                log.error("%s: stopped before completion", todo.name)
+                failed.add(todo.name)
+            log.info("%s: %s", todo.name, describe(done, need))
 
 
 # ----------------------------------------------------------------------------- pack / unpack
@@ -960,6 +1170,7 @@ def unpack(src: Path, out: Path) -> None:
                 shutil.copy2(path, dest)
 
 
+#: Files packed as ``.gz`` (besides the rank logs ``log.rank{r}.jsonl`` of torchrun runs).
 PACKED = ("log.jsonl", "sessions.jsonl")
 KEPT = ("identity.json", "config.toml", "policy.json", "calibration.json", "report.json")
 
@@ -974,7 +1185,7 @@ def pack(out: Path, dest: Path) -> List[Path]:
         if not path.is_file():
             continue
         rel = path.relative_to(out)
-        if path.name in PACKED:
+        if path.name in PACKED or is_log(path.name):
             target = dest / rel.with_name(rel.name + ".gz")
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "rb") as fi, gzip.GzipFile(
@@ -1023,7 +1234,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="resume stages written by other code (recorded in identity.json)",
     )
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_run, torchrun=True)
     w = sub.add_parser("report", help="write docs/RESULTS.md and figures from the logs alone")
     w.add_argument("--logs", default="docs/results/study", metavar="DIR")
     w.add_argument("--docs", default="docs/RESULTS.md", metavar="FILE")
