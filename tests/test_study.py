@@ -77,6 +77,21 @@ def test_code_identity_refuses_other_code(tmp_path):
     assert accepted["code"] == first["code"] and accepted["history"]
 
 
+def test_identity_keeps_a_stage_on_one_device_family(tmp_path, monkeypatch):
+    d = tmp_path / "stage"
+    first = st.check_identity(d, "clean", False)
+    assert first["device"] == "cpu"
+    doc = json.loads((d / "identity.json").read_text())
+    del doc["device"]  # identities written before the device was recorded: CPU runs
+    (d / "identity.json").write_text(json.dumps(doc))
+    assert st.check_identity(d, "clean", False)["code"] == first["code"]
+    monkeypatch.setattr(st, "_DEVICE", "cuda:1")
+    with pytest.raises(st.StudyError, match="device versions"):
+        st.check_identity(d, "clean", False)
+    assert st.check_identity(d, "clean", False, verify=lambda: True)["device"] == "cuda"
+    assert st.base_config().device == "cuda:1"
+
+
 def test_fingerprint_ignores_docstrings_and_comments():
     import ast
 

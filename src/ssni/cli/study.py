@@ -213,24 +213,30 @@ def check_identity(
     ``verify()`` (e.g. a replay of the first logged chunk with this code) returns True; either
     is recorded in the file's ``history``. Otherwise StudyError."""
     path = stage_dir / "identity.json"
-    now = {"code": code_fingerprint(kind), "commit": code_commit(), "kind": kind}
+    now = {"code": code_fingerprint(kind), "commit": code_commit(), "kind": kind,
+           "device": device_kind(_DEVICE)}
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        if old.get("code") != now["code"]:
+        old_device = old.get("device", "cpu")  # identities before --device: CPU runs
+        if old.get("code") != now["code"] or old_device != now["device"]:
+            what = "code" if old_device == now["device"] else "device"
             how = "accepted (--accept-code-change)" if accept_change else ""
             if not how and verify is not None:
-                log.info("%s: code changed; replaying the first logged chunk", stage_dir)
+                log.info("%s: %s changed; replaying the first logged chunk", stage_dir, what)
                 if verify():
                     how = "verified: the first logged chunk replays identically"
             if not how:
                 raise StudyError(
-                    f"{stage_dir}: written by code {old.get('code')} (commit {old.get('commit')}),"
-                    f" this code is {now['code']} (commit {now['commit']}); results would mix "
-                    "code versions: use another --out, or --accept-code-change"
+                    f"{stage_dir}: written by code {old.get('code')} (commit {old.get('commit')})"
+                    f" on {old_device}, this is code {now['code']} (commit {now['commit']}) on "
+                    f"{now['device']}; results would mix {what} versions: use another --out, or "
+                    "--accept-code-change"
                 )
             old.setdefault("first_code", old.get("code"))
+            old.setdefault("first_device", old_device)
             old.setdefault("history", []).append({**now, "how": how, "time": time.time()})
             old["code"] = now["code"]
+            old["device"] = now["device"]
             _write_json(path, old)
         return old
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -350,11 +356,22 @@ def accounted(
 # ----------------------------------------------------------------------------- configuration
 
 
+#: Device of this process's study run (``cpu``, ``cuda`` or ``cuda:N``), set by ``study run
+#: --device``; under torchrun with ``cuda`` each rank uses ``cuda:LOCAL_RANK``.
+_DEVICE = "cpu"
+
+
+def device_kind(device: str) -> str:
+    """``cpu``, ``cuda`` or ``mps``: the device family a stage's identity records (results of
+    different families differ in the last bits, so one stage keeps to one family)."""
+    return device.split(":")[0]
+
+
 def base_config(**changes: Any):
-    """The study's RunConfig (``ROBUST_N`` images) with ``changes``."""
+    """The study's RunConfig (``ROBUST_N`` images, on the run's device) with ``changes``."""
     from .config import RunConfig
 
-    return RunConfig().replace(**{"n": ROBUST_N, **BASE, **changes})
+    return RunConfig().replace(**{"n": ROBUST_N, **BASE, "device": _DEVICE, **changes})
 
 
 def level_name(t: float) -> str:
@@ -388,7 +405,7 @@ def run_clean(
         cfg = base_config(n=CLEAN_N)
         model = build.build_score_model(cfg)
         classifier = build.build_classifier(cfg)
-        return model, classifier, build.build_purifier(cfg, model), *build.eval_images(cfg)
+        return model, classifier, build.build_purifier(cfg, model), *_test_images(cfg)
 
     model, classifier, purifier, x, y = agree(group, setup)
     n = x.shape[0]
@@ -756,7 +773,7 @@ def _run_undefended(stage: Stage, out: Path, accept_change: bool, job: Job) -> N
 
     def setup():
         cfg = base_config()
-        return build.build_classifier(cfg), *build.eval_images(cfg)
+        return build.build_classifier(cfg), *_test_images(cfg)
 
     classifier, x, y = agree(job.group, setup)
     attack = undefended_attack(stage.spec["attack"], stage.spec["eps"])
@@ -824,10 +841,21 @@ def _run_row(stage: Stage, out: Path, accept_change: bool, job: Job) -> None:
         run_config(cfg, d, progress=False, attack_setup=setup)
 
 
+def _test_images(cfg):
+    """The study's test images and labels, on the run's device."""
+    from . import build
+
+    x, y = build.eval_images(cfg)
+    return x.to(cfg.device), y.to(cfg.device)
+
+
 def _validation(cfg):
+    """Validation images for the clean statistics, then the calibration images and labels (on
+    the run's device)."""
     from . import build
 
     xv, yv = build.load_images(cfg, "val", STATS_N + CALIB_N, cfg.subset_seed)
+    xv, yv = xv.to(cfg.device), yv.to(cfg.device)
     return xv[:STATS_N], xv[STATS_N:], yv[STATS_N:]
 
 
@@ -970,7 +998,7 @@ def _select(d: Path, out: Path) -> None:
         if path.is_file():
             continue
         policy = _ssni(cfg, model, reweight)
-        gen = keyed_generator(torch.device("cpu"), SEEDS[0], 0, 99)
+        gen = keyed_generator(torch.device(cfg.device), SEEDS[0], 0, 99)
         policy.fit((x_stats[i : i + 100] for i in range(0, STATS_N, 100)), generator=gen)
         result = select(policy, e_clean, e_adv, clean_tab, adv_tab, grid,
                         taus=CALIB_TAUS, biases=CALIB_BIASES, n_stats=STATS_N)
@@ -1004,7 +1032,7 @@ def _run_adv_grid(stage: Stage, out: Path, accept_change: bool, job: Job) -> Non
         classifier = build.build_classifier(cfg)
         policy = load_policy(out / "calibrate" / "ssni-n" / "policy.json", model)
         return (cfg, model, classifier, build.build_purifier(cfg, model), policy,
-                *build.eval_images(cfg))
+                *_test_images(cfg))
 
     cfg, model, classifier, purifier, policy, x, y = agree(job.group, build_all)
     base = Defense(classifier, purifier, Constant(cfg.t_star))
@@ -1067,7 +1095,10 @@ def cmd_run(args) -> int:
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    job = distributed.job(base_config().device)
+    global _DEVICE
+    job = distributed.job(args.device)
+    _DEVICE = job.device(args.device)
+    base_config()  # validates the device (one-line error naming the key)
 
     def listing() -> int:
         if job.rank == 0:
@@ -1229,6 +1260,11 @@ def register(subparsers) -> None:
     r.add_argument("--list", action="store_true", help="list the stages and their state")
     r.add_argument("--resume-from", metavar="DIR", help="a packed study to start from")
     r.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    r.add_argument(
+        "--device", default="cpu",
+        help="cpu, cuda or cuda:N (under torchrun, cuda gives each rank cuda:LOCAL_RANK); a "
+        "stage keeps to the device family it started on unless --accept-code-change",
+    )
     r.add_argument(
         "--accept-code-change",
         action="store_true",
