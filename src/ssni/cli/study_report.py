@@ -574,12 +574,49 @@ def write_results(root: Path, docs: Path, figures: Path) -> List[Path]:
                            stage_time)
     lines += _attack_block(root, "GNS, PGD-EOT eps = 0.1", "gns", "pgd", st.EPS_MAIN, stage_time)
     lines += _analyze_section(root, figures, rel, t_star)
+    lines += _companions(root)
     lines += _stage_list(plan, states, stage_time, root)
     lines += _code_versions(root)
     lines += _howto()
     text = "\n".join(lines).rstrip() + "\n"
     docs.write_text(text, encoding="utf-8")
     return [docs, figures]
+
+
+#: Comparisons run outside the study's stages, at the presets' reduced CPU budget, each with
+#: its logs and a ``summary.md`` written from them in a folder beside the study's logs:
+#: (folder, title, command that writes the summary, page with the set-up and conclusion).
+COMPANIONS = (
+    ("policy_attacks", "Policy-aware attacks on SSNI-N, worst case and protocols",
+     "python benchmarks/ssni_policy_attacks.py --report-only --out docs/results/policy_attacks "
+     "--presets fmnist-diffpure-ssni-n-pgd-linf --eps 0.1 0.05 --attacks reference constrained",
+     "README.md, \"Measured results\""),
+    ("learned_policy", "A learned noise-level policy (SSNI-Learned) against SSNI-N/L",
+     "python benchmarks/learned_policy_study.py --out <the logs, gunzipped> --summary",
+     "docs/RESULTS_learned_policy.md"),
+)
+
+
+def _companions(root: Path) -> List[str]:
+    """Section 6: the companion comparisons' summaries, copied from their ``summary.md``."""
+    lines = [
+        "## 6. Beyond the study's stages (reduced budget)",
+        "",
+        "These comparisons use the Fashion-MNIST presets' CPU budget (DiffPure with 10 reverse "
+        "steps at t* = 0.1, PGD-EOT 5 x 2 through a 3-step surrogate, K = 10), not the study's; "
+        "their numbers are comparable with each other, not with sections 1-5.",
+        "",
+    ]
+    for folder, title, command, page in COMPANIONS:
+        path = root.parent / folder / "summary.md"
+        lines += [f"### {title}", ""]
+        if not path.is_file():
+            lines += [f"Not run yet (`{command}` writes `{path.as_posix()}`).", ""]
+            continue
+        lines += [path.read_text(encoding="utf-8").rstrip(), "",
+                  f"From `{path.as_posix()}`, written from the committed logs by `{command}`; "
+                  f"set-up and conclusion in {page}.", ""]
+    return lines
 
 
 def _stage_list(plan, states, stage_time, root: Path) -> List[str]:
