@@ -195,6 +195,30 @@ def report(out: Path, presets, eps_list, attack_names, seeds, worst_n) -> int:
                         f"{_pct(w['any-iteration'])} | | | | | |"
                     )
             ref = members.get("reference")
+            if ref is not None:
+                ref_by = {(r["seed"], r["index"]): r for r in ref}
+                p90_by_seed = {}
+                for r in ref:
+                    p90_by_seed.setdefault(r["seed"], []).append(r["score_norm_clean"])
+                p90_by_seed = {k: float(np.quantile(v, 0.9)) for k, v in p90_by_seed.items()}
+                for name, recs in members.items():
+                    if name == "reference":
+                        continue
+                    pairs = [(r, ref_by[(r["seed"], r["index"])]) for r in recs
+                             if (r["seed"], r["index"]) in ref_by]
+                    only = sum(1 for a, b in pairs if b["robust"] and not a["robust"])
+                    missed = sum(1 for a, b in pairs if a["robust"] and not b["robust"])
+                    low = [a for a, _ in pairs if "min_norm" in a]
+                    line = (f"\n{name} vs reference, one-shot, same (seed, image) pairs "
+                            f"({len(pairs)}): fooled only by {name}: {only}; fooled only by the "
+                            f"reference: {missed}")
+                    if low:
+                        reach = sum(a["min_norm"] <= p90_by_seed[a["seed"]] for a in low)
+                        fool_low = sum(a["fooled_norm"] <= p90_by_seed[a["seed"]] for a in low)
+                        line += (f"; some iterate below the clean p90 of e(x): {reach}; an "
+                                 f"iterate misclassified by one pass of the real defense below it: "
+                                 f"{fool_low}")
+                    print(line)
             for name in ("constrained",):
                 if ref is None or name not in members:
                     continue
