@@ -88,18 +88,42 @@ def _policies(model, t_star, levels, stats, generator_seed=0):
     for name, reweight in (("SSNI-N", "sigmoid"), ("SSNI-L", "linear")):
         p = ssni.SSNI(model, t_star=t_star, reweight=reweight, probe_levels=levels)
         p.fit([stats[i : i + 64] for i in range(0, stats.shape[0], 64)],
-              generator=torch.Generator().manual_seed(generator_seed))
+              generator=_gen(stats.device, generator_seed))
         out[name] = p
     return out
 
 
-def _load(args):
+def _gen(device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _devices(args):
+    """``(label, device, accelerate)`` of each measured setting: the CPU always (unless
+    ``--device cuda``), and with a GPU present the GPU as is and with ``accelerate`` (bf16
+    autocast, channels_last, torch.compile of the score network)."""
+    out = [] if args.device == "cuda" else [("cpu", "cpu", False)]
+    if args.device != "cpu" and torch.cuda.is_available():
+        out += [("cuda", "cuda", False), ("cuda+accelerate", "cuda", True)]
+    elif args.device == "cuda":
+        raise SystemExit("--device cuda: no GPU is visible")
+    return out
+
+
+def _clock(device: str) -> float:
+    """``time.perf_counter()`` after the device's queued work is done."""
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _load(args, device: str = "cpu", accelerate: bool = False):
     cfg = RunConfig(dataset="fashion-mnist", n=args.n, subset_seed=0)
-    model = build.build_score_model(cfg)
-    classifier = build.build_classifier(cfg)
+    model = build.build_score_model(cfg).to(device)
+    model.accelerate = accelerate  # ignored on the CPU
+    classifier = build.build_classifier(cfg).to(device)
     x, y = build.eval_images(cfg)
     stats, _ = build.heldout_images(cfg, 256)
-    return model, classifier, x, y, stats
+    return model, classifier, x.to(device), y.to(device), stats.to(device)
 
 
 def _cache_rows(path: Path):
@@ -114,9 +138,14 @@ def _append(path: Path, row: dict) -> None:
 
 
 def measure_clean(args, cache: Path) -> None:
-    model, classifier, x, y, stats = _load(args)
+    for label, device, accelerate in _devices(args):
+        _measure_clean(args, cache, label, device, accelerate)
+
+
+def _measure_clean(args, cache: Path, label: str, device: str, accelerate: bool) -> None:
+    model, classifier, x, y, stats = _load(args, device, accelerate)
     done = {(r["t_star"], r["batch"], r["scheme"]) for r in _cache_rows(cache)
-            if r.get("part") == "clean"}
+            if r.get("part") == "clean" and r.get("device", "cpu") == label}
     for t_star in args.t_star:
         pol = _policies(model, t_star, args.levels, stats)
         schemes = {
@@ -134,29 +163,31 @@ def measure_clean(args, cache: Path) -> None:
                 if (t_star, bi, name) in done:
                     continue
                 defense = schemes[name]
-                gen = torch.Generator().manual_seed(1000 + bi)
+                gen = _gen(device, 1000 + bi)
                 with torch.no_grad(), ssni.count_network_calls(defense) as calls:
-                    start = time.perf_counter()
+                    start = _clock(device)
                     logits = defense(xb, generator=gen)
-                    wall = time.perf_counter() - start
+                    wall = _clock(device) - start
                 probe_wall = None
                 if name.startswith("SSNI"):  # the probe's share, timed on its own
                     with torch.no_grad():
-                        g2 = torch.Generator().manual_seed(1000 + bi)
-                        start = time.perf_counter()
+                        g2 = _gen(device, 1000 + bi)
+                        start = _clock(device)
                         defense.policy(xb, generator=g2)
-                        probe_wall = time.perf_counter() - start
+                        probe_wall = _clock(device) - start
                 row = {
                     "part": "clean", "t_star": t_star, "batch": bi, "scheme": name,
                     "images": int(xb.shape[0]), "wall": wall, "probe_wall": probe_wall,
                     "evals": calls.images, "calls": calls.calls,
                     "correct": int((logits.argmax(1) == yb).sum()),
                     "load": os.getloadavg()[0], "threads": torch.get_num_threads(),
+                    "device": label,
                 }
                 _append(cache, row)
-                print(f"t*={t_star} batch {bi} {name:9s} {wall / xb.shape[0]:.3f} s/image "
-                      f"{calls.images / xb.shape[0]:.1f} evals/image "
-                      f"(load {row['load']:.1f})", flush=True)
+                print(f"[{label}] t*={t_star} batch {bi} {name:9s} "
+                      f"{wall / xb.shape[0]:.3f} s/image "
+                      f"{calls.images / xb.shape[0]:.1f} evals/image (load {row['load']:.1f})",
+                      flush=True)
 
 
 def _attack_estimators(max_batch):
@@ -167,12 +198,17 @@ def _attack_estimators(max_batch):
 
 
 def measure_attack(args, cache: Path) -> None:
-    model, classifier, x, y, stats = _load(args)
+    for label, device, accelerate in _devices(args):
+        _measure_attack(args, cache, label, device, accelerate)
+
+
+def _measure_attack(args, cache: Path, label: str, device: str, accelerate: bool) -> None:
+    model, classifier, x, y, stats = _load(args, device, accelerate)
     t_star = args.attack_t_star
     pol = _policies(model, t_star, args.levels, stats)["SSNI-N"]
     xb, yb = x[: args.attack_n], y[: args.attack_n]
     done = {(r["repeat"], r["scheme"], r["path"]) for r in _cache_rows(cache)
-            if r.get("part") == "attack"}
+            if r.get("part") == "attack" and r.get("device", "cpu") == label}
     combos = [(s, p) for s in ("constant", "SSNI-N") for p in ("old", "new")]
     for rep in range(args.attack_repeats):
         order = combos[rep % 4 :] + combos[: rep % 4]
@@ -189,11 +225,11 @@ def measure_attack(args, cache: Path) -> None:
             )
             est = Surrogate(cheap, n=args.eot, **_attack_estimators(args.max_batch)[path])
             attack = PGD(ThreatModel("Linf", 0.1), iterations=1, step_size=0.03, gradient=est)
-            gen = torch.Generator().manual_seed(7 + rep)
+            gen = _gen(device, 7 + rep)
             with ssni.count_network_calls(cheap, real) as calls:
-                start = time.perf_counter()
+                start = _clock(device)
                 attack(real, xb, yb, gen)
-                wall = time.perf_counter() - start
+                wall = _clock(device) - start
             if hasattr(policy, "chunk_size"):
                 policy.chunk_size = old_chunk
             row = {
@@ -202,9 +238,11 @@ def measure_attack(args, cache: Path) -> None:
                 "calls": calls.calls, "eot": args.eot, "surrogate_steps": args.surrogate_steps,
                 "max_batch": args.max_batch, "t_star": t_star,
                 "load": os.getloadavg()[0], "threads": torch.get_num_threads(),
+                "device": label,
             }
             _append(cache, row)
-            print(f"attack repeat {rep} {scheme:8s} {path}: {wall / xb.shape[0]:.2f} s/image "
+            print(f"[{label}] attack repeat {rep} {scheme:8s} {path}: "
+                  f"{wall / xb.shape[0]:.2f} s/image "
                   f"{calls.images / xb.shape[0]:.0f} evals/image (load {row['load']:.1f})",
                   flush=True)
 
@@ -212,10 +250,16 @@ def measure_attack(args, cache: Path) -> None:
 def measure_scaling(args, cache: Path) -> None:
     """Seconds per image of one score-network call at several batch sizes (interleaved repeats),
     and the active-batch profile of SSNI-N's reverse loop on the first ``--batch`` images."""
-    model, classifier, x, y, stats = _load(args)
-    done = {(r["repeat"], r["size"]) for r in _cache_rows(cache) if r.get("part") == "scaling"}
+    for label, device, accelerate in _devices(args):
+        _measure_scaling(args, cache, label, device, accelerate)
+
+
+def _measure_scaling(args, cache: Path, where: str, device: str, accelerate: bool) -> None:
+    model, classifier, x, y, stats = _load(args, device, accelerate)
+    done = {(r["repeat"], r["size"]) for r in _cache_rows(cache)
+            if r.get("part") == "scaling" and r.get("device", "cpu") == where}
     sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= x.shape[0]]
-    label = torch.full((max(sizes),), 0.05)
+    label = torch.full((max(sizes),), 0.05, device=device)
     for rep in range(args.scaling_repeats):
         order = sizes[rep % len(sizes):] + sizes[: rep % len(sizes)]
         for size in order:
@@ -225,22 +269,23 @@ def measure_scaling(args, cache: Path) -> None:
             calls = max(1, 128 // size)  # about 128 images per measurement
             with torch.no_grad():
                 model.eps(xb, label[:size])  # warm-up at this shape
-                start = time.perf_counter()
+                start = _clock(device)
                 for _ in range(calls):
                     model.eps(xb, label[:size])
-                wall = time.perf_counter() - start
+                wall = _clock(device) - start
             row = {"part": "scaling", "repeat": rep, "size": size, "wall": wall,
                    "images": size * calls, "load": os.getloadavg()[0],
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "device": where}
             _append(cache, row)
-            print(f"scaling repeat {rep} batch {size:4d}: {1000 * wall / row['images']:.2f} "
-                  f"ms/image (load {row['load']:.1f})", flush=True)
-    if not any(r.get("part") == "profile" for r in _cache_rows(cache)):
+            print(f"[{where}] scaling repeat {rep} batch {size:4d}: "
+                  f"{1000 * wall / row['images']:.2f} ms/image (load {row['load']:.1f})",
+                  flush=True)
+    if where == "cpu" and not any(r.get("part") == "profile" for r in _cache_rows(cache)):
         xb = x[: args.batch]
         for t_star in args.t_star:
             pol = _policies(model, t_star, args.levels, stats)["SSNI-N"]
             with torch.no_grad():
-                t = pol(xb, generator=torch.Generator().manual_seed(1000))
+                t = pol(xb, generator=_gen(device, 1000))
             own = torch.round(t * model.schedule.num_steps).long()
             top = round(pol.max_level * model.schedule.num_steps)
             active = [int((own >= k).sum()) for k in range(top, 0, -1)]
@@ -294,7 +339,19 @@ def _median(values):
 
 
 def report(cache: Path) -> None:
+    """Print the tables from the cache, one block per measured device setting."""
     rows = _cache_rows(cache)
+    labels = []
+    for r in rows:
+        label = r.get("device", "cpu")  # rows written before GPU rows existed: CPU
+        if label not in labels:
+            labels.append(label)
+    for label in labels:
+        print(f"\n=== {label} ===")
+        _report([r for r in rows if r.get("device", "cpu") == label])
+
+
+def _report(rows) -> None:
     clean = [r for r in rows if r.get("part") == "clean"]
     loads = [r["load"] for r in rows]
     if loads:
@@ -377,6 +434,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--cache", default="bench_cost.jsonl")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the CPU, plus GPU rows (as is and with accelerate) when a "
+                        "GPU is present")
     parser.add_argument("--report", action="store_true", help="print the cached table only")
     args = parser.parse_args()
     if args.threads:
