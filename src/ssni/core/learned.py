@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .policies import NoiseLevelPolicy, eps_probe
+from .policies import CleanNormStatistics, NoiseLevelPolicy, eps_probe
 from .score import ScoreModel
 from .validation import check_images
 
@@ -66,7 +66,7 @@ def probe_features(e: Tensor, level_norms: Tensor) -> Tensor:
     return torch.cat([log_e[:, None], log_n, coherence[:, None], spread[:, None]], dim=1)
 
 
-class LearnedPolicy(NoiseLevelPolicy):
+class LearnedPolicy(CleanNormStatistics, NoiseLevelPolicy):
     """Noise level from a small network on SSNI's probe features (see the module docstring).
 
     Args:
@@ -117,12 +117,7 @@ class LearnedPolicy(NoiseLevelPolicy):
         self.register_buffer("feature_mean", torch.full((n_feat,), float("nan")))
         self.register_buffer("feature_std", torch.full((n_feat,), float("nan")))
         # clean EPS-norm statistics (as SSNI's): the constrained attack's target, not the level
-        nan = torch.tensor(float("nan"))
-        self.register_buffer("norm_mean", nan.clone())
-        self.register_buffer("norm_std", nan.clone())
-        self.register_buffer("norm_min", nan.clone())
-        self.register_buffer("norm_max", nan.clone())
-        self.register_buffer("norm_count", torch.tensor(0, dtype=torch.long))
+        self._register_norm_statistics()
         # softplus(e_weight) > 0: t is non-decreasing in e(x) with the other features fixed
         self.e_weight = nn.Parameter(torch.tensor(math.log(math.expm1(1.0))))
         self.offset = nn.Parameter(torch.zeros(()))
@@ -160,12 +155,6 @@ class LearnedPolicy(NoiseLevelPolicy):
         n = self.model.schedule.num_steps
         return min(math.ceil(self.t_min * n - 1e-9) / n, self.max_level)
 
-    @property
-    def has_statistics(self) -> bool:
-        """Whether the clean EPS-norm statistics are set (files written before they were
-        recorded have none)."""
-        return int(self.norm_count) > 1 and bool(torch.isfinite(self.norm_std))
-
     def statistics(self) -> dict:
         """The clean EPS-norm statistics (``mean``, ``std``, ``min``, ``max``, ``count``) of the
         validation images the policy was trained on, as plain floats (as
@@ -175,27 +164,7 @@ class LearnedPolicy(NoiseLevelPolicy):
                 "this LearnedPolicy has no clean EPS-norm statistics (a policy file written "
                 "before they were recorded): retrain it with `ssni train-policy`"
             )
-        return {
-            "mean": float(self.norm_mean),
-            "std": float(self.norm_std),
-            "min": float(self.norm_min),
-            "max": float(self.norm_max),
-            "count": int(self.norm_count),
-        }
-
-    def set_statistics(self, norms: Tensor) -> None:
-        """Set the clean statistics from a 1-D tensor of clean EPS norms (at least two, finite,
-        not all equal)."""
-        e = norms.detach().double().flatten()
-        if e.numel() < 2 or not bool(torch.isfinite(e).all()) or float(e.std()) == 0.0:
-            raise ValueError(
-                f"clean statistics need >= 2 finite, not all equal norms, got {e.tolist()[:4]}..."
-            )
-        self.norm_mean.fill_(float(e.mean()))
-        self.norm_std.fill_(float(e.std()))
-        self.norm_min.fill_(float(e.min()))
-        self.norm_max.fill_(float(e.max()))
-        self.norm_count.fill_(e.numel())
+        return super().statistics()
 
     def set_feature_statistics(self, features: Tensor) -> None:
         """Standardise with the mean/std of raw features ``(N, K + 3)`` of clean images."""

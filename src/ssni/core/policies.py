@@ -147,7 +147,53 @@ def eps_score_norm(
     )[0]
 
 
-class SSNI(NoiseLevelPolicy):
+class CleanNormStatistics:
+    """Mixin for policies that keep the clean EPS-norm statistics (mean, std, min, max, count)
+    as buffers ``norm_mean``, ``norm_std``, ``norm_min``, ``norm_max``, ``norm_count`` (NaN and 0
+    until set): SSNI's reweighting reads them, and the constrained attack takes its norm target
+    from them (:func:`ssni.attacks.norm.clean_norm_target`)."""
+
+    def _register_norm_statistics(self) -> None:
+        nan = torch.tensor(float("nan"))
+        for name in ("norm_mean", "norm_std", "norm_min", "norm_max"):
+            self.register_buffer(name, nan.clone())
+        self.register_buffer("norm_count", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether the clean statistics are set."""
+        return int(self.norm_count) > 1 and bool(torch.isfinite(self.norm_std))
+
+    def set_statistics(self, norms: Tensor) -> None:
+        """Set the clean statistics from a 1-D tensor of clean norms (at least two, finite,
+        not all equal: a std of 0 would send every input to the same level)."""
+        e = norms.detach().double().flatten()
+        if e.numel() < 2 or not bool(torch.isfinite(e).all()):
+            raise ValueError(f"clean statistics need >= 2 finite norms, got {e.tolist()[:4]}...")
+        if float(e.std()) == 0.0:
+            raise ValueError(
+                f"the {e.numel()} clean score norms are all equal ({float(e[0]):.6g}, std 0): "
+                "every input would get the same level; the score model or the clean images are "
+                "degenerate (a constant model, or copies of one image)"
+            )
+        self.norm_mean.fill_(float(e.mean()))
+        self.norm_std.fill_(float(e.std()))
+        self.norm_min.fill_(float(e.min()))
+        self.norm_max.fill_(float(e.max()))
+        self.norm_count.fill_(e.numel())
+
+    def statistics(self) -> dict:
+        """The clean statistics as plain floats (NaN and count 0 while unset)."""
+        return {
+            "mean": float(self.norm_mean),
+            "std": float(self.norm_std),
+            "min": float(self.norm_min),
+            "max": float(self.norm_max),
+            "count": int(self.norm_count),
+        }
+
+
+class SSNI(CleanNormStatistics, NoiseLevelPolicy):
     """Sample-specific Score-aware Noise Injection (Sun et al., ICML 2025).
 
     ``e = ||EPS(x)||`` (see :func:`eps_score_norm`), then
@@ -226,12 +272,7 @@ class SSNI(NoiseLevelPolicy):
         self.differentiable = bool(differentiable)
         self.chunk_size = chunk_size
         self.probe_size = None if not probe_size else int(probe_size)
-        nan = torch.tensor(float("nan"))
-        self.register_buffer("norm_mean", nan.clone())
-        self.register_buffer("norm_std", nan.clone())
-        self.register_buffer("norm_min", nan.clone())
-        self.register_buffer("norm_max", nan.clone())
-        self.register_buffer("norm_count", torch.tensor(0, dtype=torch.long))
+        self._register_norm_statistics()
 
     #: Old name (the ``levels=`` keyword is deprecated).
     levels = renamed_attribute("probe_levels")
@@ -246,7 +287,7 @@ class SSNI(NoiseLevelPolicy):
 
     @property
     def fitted(self) -> bool:
-        return int(self.norm_count) > 1 and bool(torch.isfinite(self.norm_std))
+        return self.has_statistics
 
     @property
     def max_level(self) -> float:
@@ -289,34 +330,6 @@ class SSNI(NoiseLevelPolicy):
             raise ValueError("fit() needs at least two clean images")
         self.set_statistics(e)
         return self
-
-    def set_statistics(self, norms: Tensor) -> None:
-        """Set the clean statistics from a 1-D tensor of clean norms (at least two, finite,
-        not all equal: a std of 0 would send every input to the same level)."""
-        e = norms.detach().double().flatten()
-        if e.numel() < 2 or not bool(torch.isfinite(e).all()):
-            raise ValueError(f"clean statistics need >= 2 finite norms, got {e.tolist()[:4]}...")
-        if float(e.std()) == 0.0:
-            raise ValueError(
-                f"the {e.numel()} clean score norms are all equal ({float(e[0]):.6g}, std 0): "
-                "every input would get the same level; the score model or the clean images are "
-                "degenerate (a constant model, or copies of one image)"
-            )
-        self.norm_mean.fill_(float(e.mean()))
-        self.norm_std.fill_(float(e.std()))
-        self.norm_min.fill_(float(e.min()))
-        self.norm_max.fill_(float(e.max()))
-        self.norm_count.fill_(e.numel())
-
-    def statistics(self) -> dict:
-        """The clean statistics as plain floats."""
-        return {
-            "mean": float(self.norm_mean),
-            "std": float(self.norm_std),
-            "min": float(self.norm_min),
-            "max": float(self.norm_max),
-            "count": int(self.norm_count),
-        }
 
     def _require_fitted(self) -> None:
         if not self.fitted:
