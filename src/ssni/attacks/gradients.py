@@ -22,6 +22,7 @@ returns a :class:`GradientEstimate`: the input gradient ``(B, C, H, W)`` of the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import NamedTuple, Optional
 
@@ -114,16 +115,27 @@ def _forward_at(model, x: Tensor, generator, t: Optional[Tensor]) -> Tensor:
     return model(x, generator=generator, t=t)
 
 
-def _passes_grad(model, loss, x, y, generator, t, copies: int):
+def _autocast(x: Tensor, dtype: Optional[torch.dtype]):
+    """Autocast to ``dtype`` on ``x``'s device type, or a no-op context for ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, dtype=dtype)
+
+
+def _passes_grad(model, loss, x, y, generator, t, copies: int, autocast=None):
     """``copies`` passes as one batch of ``copies * B`` images (pass-major rows): the summed
-    input gradient ``(B, C, H, W)``, per-sample loss sums ``(B,)`` and logit sums ``(B, K)``."""
+    input gradient ``(B, C, H, W)``, per-sample loss sums ``(B,)`` and logit sums ``(B, K)``.
+    With ``autocast`` (a dtype) the passes run under autocast; logits, loss and gradient stay
+    in ``x``'s dtype."""
     b = x.shape[0]
     xi = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         xr = xi if copies == 1 else xi.repeat(copies, *([1] * (x.dim() - 1)))
         yr = y if copies == 1 else y.repeat(copies)
         tr = t if (t is None or copies == 1) else t.repeat(copies)
-        logits = _forward_at(model, xr, generator, tr)
+        with _autocast(x, autocast):
+            logits = _forward_at(model, xr, generator, tr)
+        logits = logits.to(x.dtype)
         values = loss(logits, yr, xr, generator)
         if values.requires_grad:
             (g,) = torch.autograd.grad(values.sum(), xi, allow_unused=True)
@@ -154,6 +166,9 @@ class EOT(GradientEstimator):
             and share them across the passes, as the SSNI reference does; ``False`` re-runs the
             policy in every pass. Applies to models with a ``levels`` method whose policy is not
             differentiable (a :class:`ssni.Defense`).
+        autocast: a dtype (``torch.bfloat16``) under which the passes run (``torch.autocast``
+            on the input's device): cheaper gradients of slightly lower precision; the shared
+            levels ``t(x)`` are still computed in the input's precision. ``None``: no autocast.
     """
 
     def __init__(
@@ -163,6 +178,7 @@ class EOT(GradientEstimator):
         batched: bool = True,
         max_batch: Optional[int] = EOT_MAX_BATCH,
         share_levels: bool = True,
+        autocast: Optional[torch.dtype] = None,
     ) -> None:
         if n < 1:
             raise ValueError(f"EOT needs n >= 1, got {n}")
@@ -173,21 +189,28 @@ class EOT(GradientEstimator):
         self.batched = bool(batched)
         self.max_batch = None if max_batch is None else int(max_batch)
         self.share_levels = bool(share_levels)
+        if autocast is not None and not isinstance(autocast, torch.dtype):
+            raise ValueError(f"autocast must be a torch.dtype or None, got {autocast!r}")
+        self.autocast = autocast
 
     def __repr__(self) -> str:
+        extra = "" if self.autocast is None else f", autocast={self.autocast}"
         return (
             f"EOT(n={self.n}, batched={self.batched}, max_batch={self.max_batch}, "
-            f"share_levels={self.share_levels})"
+            f"share_levels={self.share_levels}{extra})"
         )
 
     def config(self) -> dict:
-        return {
+        cfg = {
             "estimator": "EOT",
             "n": self.n,
             "batched": self.batched,
             "max_batch": self.max_batch,
             "share_levels": self.share_levels,
         }
+        if self.autocast is not None:  # absent by default: older run logs stay valid
+            cfg["autocast"] = str(self.autocast).replace("torch.", "")
+        return cfg
 
     def passes_per_call(self, batch: int) -> int:
         """Passes run together in one call for a batch of ``batch`` images."""
@@ -209,7 +232,7 @@ class EOT(GradientEstimator):
         done = 0
         while done < self.n:
             copies = min(per_call, self.n - done)
-            g, v, z = _passes_grad(model, loss, x, y, generator, t, copies)
+            g, v, z = _passes_grad(model, loss, x, y, generator, t, copies, self.autocast)
             if grad is None:
                 grad, loss_sum, logit_sum = g, v, z
             else:
@@ -223,7 +246,8 @@ class Surrogate(GradientEstimator):
     and logits that the attack tracks come from one no-grad pass of the model the attack was
     called with, so success is judged on the real defense (only when ``need_loss``).
 
-    ``batched``, ``max_batch`` and ``share_levels`` are those of :class:`EOT`; with
+    ``batched``, ``max_batch``, ``share_levels`` and ``autocast`` are those of :class:`EOT`
+    (``autocast`` applies to the surrogate's passes only, never to the real defense); with
     ``share_levels`` the levels ``t(x)`` are computed once per estimate from the surrogate's
     policy and also used by the real defense's loss pass when both share that policy.
     """
@@ -236,9 +260,12 @@ class Surrogate(GradientEstimator):
         batched: bool = True,
         max_batch: Optional[int] = EOT_MAX_BATCH,
         share_levels: bool = True,
+        autocast: Optional[torch.dtype] = None,
     ) -> None:
         self.model = model
-        self.eot = EOT(n, batched=batched, max_batch=max_batch, share_levels=share_levels)
+        self.eot = EOT(
+            n, batched=batched, max_batch=max_batch, share_levels=share_levels, autocast=autocast
+        )
         self.passes = self.eot.n
 
     def __repr__(self) -> str:

@@ -406,6 +406,7 @@ def build_attack(
         batched=cfg.eot_batched,
         max_batch=cfg.eot_max_batch or None,
         share_levels=cfg.eot_share_t,
+        autocast=torch.bfloat16 if cfg.attack_autocast == "bf16" else None,
     )
     if cfg.gradient == "full":
         from .allocator import map_large_buffers

@@ -508,7 +508,9 @@ def _budget(t_star: Optional[float]) -> List[str]:
         f"iterations x EOT {b['eot']}, step eps/10, Linf eps {st.EPS_MAIN:g} and "
         f"{st.EPS_SMALL:g} (reduced) |",
         f"| attack gradients | exact backprop through a 20-step surrogate | through a "
-        f"{b['surrogate_steps']}-step surrogate (reduced); success judged on the real defense |",
+        f"{b['surrogate_steps']}-step surrogate (reduced), gradient passes under "
+        f"{st.ROW_AUTOCAST} autocast (reduced precision; predictions in fp32); success judged "
+        "on the real defense |",
         f"| SSNI | K = 20 levels, statistics of 5000 clean images | K = {b['levels']}, "
         f"statistics of {st.STATS_N} validation images (reduced) |",
         f"| AutoAttack-rand | APGD-CE + APGD-DLR, 100 iterations x EOT 20 | {b['iterations']} "
