@@ -112,6 +112,8 @@ def test_study_runs_resumes_packs_and_reports(tiny, tmp_path):
     row = out / "rows" / "diffpure-ssni-n-pgd-eps0.100" / "seed121" / "log.jsonl"
     assert len(st.read_log(row)[1]) == 2
     assert (out / "calibrate" / "ssni-n" / "policy.json").is_file()
+    # the rows' gradient passes run under the study's autocast, recorded in the row's config
+    assert f'attack_autocast = "{st.ROW_AUTOCAST}"' in (row.parent / "config.toml").read_text()
     adv_grid = st.read_log(out / "analyze-t" / "log.jsonl")[1]
     assert len(adv_grid) == 2 and len(adv_grid[0]["adv"]) == len(st.T_GRID)
     logs = {p: p.read_bytes() for p in out.rglob("log.jsonl")}

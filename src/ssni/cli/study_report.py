@@ -625,9 +625,9 @@ def _stage_list(plan, states, stage_time, root: Path) -> List[str]:
     lines = [
         "## Stages, wall time and network calls",
         "",
-        "Wall time is the sum over sessions on a shared 2-core machine (other jobs ran beside "
-        "it at normal priority while the study ran at `nice 15`, so wall time is an upper bound "
-        "of the cost); CPU time is the study process's own (all its threads), a measure of the "
+        "Wall time is the sum over sessions on a shared 2-core machine (other jobs, such as "
+        "tests and benchmarks, often ran beside it, so wall time is an upper bound of the "
+        "cost); CPU time is the study process's own (all its threads), a measure of the "
         "work that does not depend on the other jobs. Network calls count images through the "
         "score network, attack and final predictions included. Time left extrapolates the "
         "stage's own pace so far (wall and CPU).",
