@@ -137,8 +137,8 @@ class RunConfig:
     eot_batched: bool = True  # the EOT passes of one gradient estimate as one batch ...
     eot_max_batch: int = 64  # ... of at most this many images per call (0: no limit)
     eot_share_t: bool = True  # t(x) once per gradient estimate, shared by its EOT passes
-    # "bf16": the attack's gradient passes run under bf16 autocast (about 1.6x faster on a CPU
-    # with bf16 instructions); predictions that count (judging, evaluation) stay in fp32
+    # "bf16": the attack's gradient passes run under bf16 autocast (faster where the CPU or GPU
+    # has bf16 instructions: benchmarks/bench_autocast.py); judging and evaluation stay fp32
     attack_autocast: str = "none"
     # -- evaluation
     votes: int = 1

@@ -85,10 +85,11 @@ CALIB_BIASES: Tuple[float, ...] = (0.0, 0.02, 0.05)
 CALIB_TAUS: Tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: The calibration attack (iterations, EOT) against constant t*, as `ssni calibrate`'s defaults.
 CALIB_ATTACK: Tuple[int, int] = (10, 1)
-#: Precision of the row attacks' gradient passes (``attack_autocast``): bf16 is about 1.6x faster
-#: on a CPU with bf16 instructions, and its gradient agrees with fp32 far more closely than two
-#: EOT estimates agree with each other (``benchmarks/bench_autocast.py``); every prediction that
-#: counts (the attack's judge, clean and adversarial accuracy) stays fp32.
+#: Precision of the row attacks' gradient passes (``attack_autocast``): bf16 is faster on a CPU
+#: with bf16 instructions (1.4-1.9x in the README's measurement), and its gradient agrees with
+#: fp32 far more closely than two EOT estimates agree with each other
+#: (``benchmarks/bench_autocast.py``); every prediction that counts (the attack's judge, clean
+#: and adversarial accuracy) stays fp32.
 ROW_AUTOCAST = "bf16"
 #: Samples per chunk (fixes the random streams; the unit of resumption).
 CLEAN_BATCH = 100
