@@ -129,6 +129,11 @@ def test_study_runs_resumes_packs_and_reports(tiny, tmp_path):
     packed = tmp_path / "packed"
     st.pack(out, packed)
     assert not list(packed.rglob("log.jsonl")) and list(packed.rglob("log.jsonl.gz"))
+    # packed result files name the study folder by a mark, not by the run's absolute path
+    packed_cfg = (packed / row.parent.relative_to(out) / "config.toml").read_text()
+    assert str(out.resolve()) in (row.parent / "config.toml").read_text()
+    assert str(out.resolve()) not in packed_cfg
+    assert f'"{st.STUDY_MARK}/calibrate/ssni-n/policy.json"' in packed_cfg
     docs = [sr.write_results(root, tmp_path / f"d{k}" / "RESULTS.md", tmp_path / f"d{k}" / "fig")
             for k, root in enumerate((out, packed))]
     texts = [d[0].read_text().split("\n", 5)[5] for d in docs]  # drop the generation time

@@ -1213,11 +1213,19 @@ PACKED = ("log.jsonl", "sessions.jsonl")
 KEPT = ("identity.json", "config.toml", "policy.json", "calibration.json", "report.json")
 
 
+#: Stands for the study folder in packed result files (resolved paths such as ``policy_file``
+#: name the folder a run used; a packed copy is read from elsewhere).
+STUDY_MARK = "<study>"
+
+
 def pack(out: Path, dest: Path) -> List[Path]:
-    """Copy the study's logs (gzip) and small result files from ``out`` into ``dest``."""
+    """Copy the study's logs (gzip) and small result files from ``out`` into ``dest``; in the
+    text of ``config.toml`` and ``report.json`` the study folder's absolute path becomes
+    :data:`STUDY_MARK`."""
     import gzip
     import shutil
 
+    root = str(out.resolve())
     written = []
     for path in sorted(out.rglob("*")):
         if not path.is_file():
@@ -1234,7 +1242,11 @@ def pack(out: Path, dest: Path) -> List[Path]:
         elif path.name in KEPT:
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+            if path.name in ("config.toml", "report.json"):
+                text = path.read_text(encoding="utf-8").replace(root, STUDY_MARK)
+                target.write_text(text, encoding="utf-8")
+            else:
+                shutil.copy2(path, target)
             written.append(target)
     return written
 
