@@ -64,6 +64,23 @@ def test_paired_interval_uses_the_same_images(tmp_path):
     assert lo < 0.3 < hi
 
 
+def test_clean_loss_is_paired_with_the_classifier_alone(tmp_path):
+    const, ssni = sr.Row("c", tmp_path), sr.Row("s", tmp_path)
+    assert sr.clean_loss(tmp_path, const, ssni) is None  # undefended stage not run
+    lg = RunLog(tmp_path / "undefended" / f"pgd-eps{st.EPS_MAIN:.3f}" / "log.jsonl", {"u": 1})
+    for i in range(4):  # the classifier alone is right on images 0-2
+        lg.add_sample({"seed": 121, "index": i, "clean_correct": i < 3, "robust": False})
+    lg.close()
+    # constant is right on image 0 at both seeds, on image 1 at seed 121 only
+    const.by_seed = {121: [{"index": i, "clean_correct": i < 2} for i in range(4)],
+                     122: [{"index": i, "clean_correct": i < 1} for i in range(4)]}
+    ssni.by_seed = {121: [{"index": i} for i in range(4)], 122: [{"index": 0}]}
+    # image 0: 0 lost; 1: 1 - 1 at seed 121 only (the seed both rows have); 2: 1; 3: 0
+    assert sr.clean_loss(tmp_path, const, ssni) == (pytest.approx(0.25), 4)
+    ssni.by_seed = {122: [{"index": i} for i in range(4)]}  # seed 122: images 1, 2 lost
+    assert sr.clean_loss(tmp_path, const, ssni) == (pytest.approx(0.5), 4)
+
+
 def test_code_identity_refuses_other_code(tmp_path):
     d = tmp_path / "stage"
     first = st.check_identity(d, "clean", False)

@@ -166,6 +166,24 @@ def paired(a: Row, b: Row, key: str) -> Tuple[float, float, float, int, List[int
     return m, lo, hi, len(diffs), seeds
 
 
+def clean_loss(root: Path, const: Row, other: Row) -> Optional[Tuple[float, int]]:
+    """``(points, images)``: the clean accuracy the classifier alone has and constant DiffPure
+    loses, as a fraction, on the images and seeds ``const`` and ``other`` share (the classifier
+    is deterministic; constant DiffPure's correctness is averaged over the seeds); None before
+    the undefended stage has run."""
+    _, plain = st.read_log(root / "undefended" / f"pgd-eps{st.EPS_MAIN:.3f}" / "log.jsonl")
+    alone = {r["index"]: float(r["clean_correct"]) for r in plain}
+    per_image: Dict[int, List[float]] = defaultdict(list)
+    for s in sorted(set(const.by_seed) & set(other.by_seed)):
+        shared = {r["index"] for r in other.by_seed[s]}
+        for r in const.by_seed[s]:
+            if r["index"] in shared and r["index"] in alone:
+                per_image[r["index"]].append(alone[r["index"]] - float(r["clean_correct"]))
+    if not per_image:
+        return None
+    return sum(sum(v) / len(v) for v in per_image.values()) / len(per_image), len(per_image)
+
+
 # ----------------------------------------------------------------------------- sections
 
 
@@ -469,6 +487,14 @@ def _conclusion(root: Path, t_star: Optional[float]) -> List[str]:
             continue
         c = paired(other, const, "clean_correct")
         r = paired(other, const, "robust")
+        loss = clean_loss(root, const, other)
+        if loss is not None and loss[0] > 0 and not math.isnan(c[0]):
+            out.append(
+                f"On the {loss[1]} images of the attacked rows, constant DiffPure loses "
+                f"{100 * loss[0]:.1f} clean points against the classifier alone (seeds "
+                f"{', '.join(map(str, c[4]))}); {pol.upper()} gives back {100 * c[0]:.1f} of "
+                f"them ({100 * c[0] / loss[0]:.0f}% of the loss; interval below)."
+            )
         verdict = []
         for what, (m, lo, hi, _n, _seeds) in (("clean accuracy", c), ("robust accuracy", r)):
             if math.isnan(lo):
