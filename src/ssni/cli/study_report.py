@@ -504,12 +504,20 @@ def _conclusion(root: Path, t_star: Optional[float]) -> List[str]:
                                f"{100 * hi:+.1f}: a real difference)")
             else:
                 verdict.append(f"{what} {100 * m:+.1f} points (95% CI {100 * lo:+.1f} to "
-                               f"{100 * hi:+.1f}: within noise)")
+                               f"{100 * hi:+.1f}: within noise; a loss of up to "
+                               f"{-100 * lo:.1f} points is not excluded)")
         out.append(
             f"{pol.upper()} minus constant on the same {c[3]} images, seeds "
             f"{', '.join(map(str, c[4]))} (PGD-EOT, eps {st.EPS_MAIN:g}): " + "; ".join(verdict)
             + ("." if len(c[4]) == len(st.SEEDS) and c[3] >= st.ROBUST_N
                else " (partial: not every image and seed yet)."))
+    if const.by_seed:
+        out.append(
+            "This attack takes its gradients through a shorter surrogate purification at each "
+            "image's own noise level, treating the level as fixed; whether the result holds "
+            "under BPDA, AutoAttack-rand, a smaller eps, GDMP/GNS and the policy-aware attack "
+            "is in section 4."
+        )
     return out + [""]
 
 
