@@ -677,7 +677,12 @@ POLICIES = ("constant", "ssni-n", "ssni-l")
 
 def study_plan() -> List[Stage]:
     """The ordered stages: cheap and decisive first, then one seed of every main row so that a
-    paired comparison exists early, then the other seeds, attacks, eps and purifiers."""
+    paired comparison exists early, then the other seeds of the main rows, then the other
+    attacks, eps and purifiers on one seed, cheapest first (the smaller eps and the
+    policy-aware attack take their gradients through the 10-step surrogate like a main row;
+    AutoAttack-rand judges and BPDA differentiates the real 200-step purification at every
+    iteration: 30 x 4 x 200 forward network calls per image for BPDA), then the other seeds of
+    the smaller eps, GDMP and BPDA."""
     plan = [Stage("clean-decisive", "clean", {"levels": [0.05, 0.1, 0.2]})]
     plan += [
         Stage(f"undefended-{a}-eps{e:.3f}", "undefended",
@@ -689,17 +694,17 @@ def study_plan() -> List[Stage]:
     main = [("diffpure", p, "pgd", EPS_MAIN) for p in POLICIES]
     plan += [row_stage(*r, SEEDS[0]) for r in main]
     plan += [row_stage(*r, s) for s in SEEDS[1:] for r in main]
-    later = (
-        [("diffpure", p, "bpda", EPS_MAIN) for p in POLICIES]
-        + [("diffpure", p, "pgd", EPS_SMALL) for p in POLICIES]
-        + [(b, p, "pgd", EPS_MAIN) for b in ("gdmp", "gns") for p in POLICIES]
-        + [("diffpure", p, "autoattack", EPS_MAIN) for p in POLICIES]
-        + [("diffpure", p, "aware", EPS_MAIN) for p in ("ssni-n", "ssni-l")]
-    )
-    plan += [row_stage(*r, SEEDS[0]) for r in later]
+    small = [("diffpure", p, "pgd", EPS_SMALL) for p in POLICIES]
+    aware = [("diffpure", p, "aware", EPS_MAIN) for p in ("ssni-n", "ssni-l")]
+    gdmp = [("gdmp", p, "pgd", EPS_MAIN) for p in POLICIES]
+    gns = [("gns", p, "pgd", EPS_MAIN) for p in POLICIES]
+    auto = [("diffpure", p, "autoattack", EPS_MAIN) for p in POLICIES]
+    bpda = [("diffpure", p, "bpda", EPS_MAIN) for p in POLICIES]
+    plan += [row_stage(*r, SEEDS[0]) for r in small + aware + gdmp + gns]
     plan.append(Stage("clean-curve", "clean", {"levels": [0.3, 0.5]}))
     plan.append(Stage("analyze-t", "adv-grid", {"dir": "analyze-t"}))
-    plan += [row_stage(*r, s) for s in SEEDS[1:] for r in later[:9]]
+    plan += [row_stage(*r, SEEDS[0]) for r in auto + bpda]
+    plan += [row_stage(*r, s) for s in SEEDS[1:] for r in small + gdmp + bpda]
     return plan
 
 
